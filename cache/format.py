@@ -1,0 +1,273 @@
+"""The cache format: constants, field specs, the manifest, and the errors.
+
+This module is the contract between the offline encode job and the trainer. Anything both
+halves must agree on (field names, the latent scale, the format version) lives here once
+and is recorded in every manifest.
+
+On-disk layout of a cache directory::
+
+    CACHE/
+      manifest.json              written at creation (status "incomplete"), rewritten by
+                                 finalize() (status "complete"); the sign a build finished
+      zarr/                      zarr v3 group, one array per field, sharded along samples
+      wds/shard-000000.tar ...   webdataset tars, one per shard
+      _done/<backend>/000000.json  per-shard done markers with checksums, written last
+
+A shard is a fixed contiguous range of the global sample index: shard k holds samples
+[k * shard_size, min((k + 1) * shard_size, num_samples)). It is the unit of writing, of
+verification and of the encode job's work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "urepa-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DONE_DIR = "_done"
+BACKENDS = ("zarr", "wds")
+
+# SD-VAE latent scale (Rombach et al.; REPA, U-REPA): z = (mean + std * eps) * LATENT_SCALE.
+# The cache stores raw posterior moments; this constant is applied at load time only.
+LATENT_SCALE = 0.18215
+
+# Field names (v1). `moments` holds the VAE posterior mean (channels [0, C)) then std
+# (channels [C, 2C)); `tokens` the teacher's final-norm patch tokens; `cls` its CLS token.
+MOMENTS, TOKENS, TOKENS_SCALE, CLS, LABEL, INDEX, KEY = (
+    "moments", "tokens", "tokens_scale", "cls", "label", "index", "key")
+FLOAT_DTYPES = ("float16", "float32")
+TOKEN_DTYPES = ("float16", "int8")
+
+
+class CacheError(Exception):
+    """Base class of every error raised for a bad or unusable cache."""
+
+
+class NotACacheError(CacheError):
+    """The path holds no urepa-cache manifest."""
+
+
+class FormatVersionError(CacheError):
+    """The cache was written by a newer format version than this code reads."""
+
+
+class IncompleteCacheError(CacheError):
+    """The cache was never finalized or has shards that are not done."""
+
+
+class CacheMismatchError(CacheError):
+    """An existing cache was created with different parameters than requested."""
+
+
+class FailedSampleError(CacheError, KeyError):
+    """The requested sample failed at encode time and holds no data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One per-sample field: its shape per sample (without the sample axis) and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, or "str" for variable-length UTF-8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per sample (0 for strings, whose size varies)."""
+        if self.dtype == "str":
+            return 0
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FieldSpec:
+        return cls(shape=tuple(int(s) for s in d["shape"]), dtype=str(d["dtype"]))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheSpec:
+    """Everything that fixes the layout of a cache. Two caches with equal specs are
+    interchangeable; creating a cache over an existing one with another spec is refused.
+
+    Resolution, views, token count and width are parameters, not constants: DINOv2-B at
+    256 px gives tokens=256, token_dim=768; at 512 px tokens=1024.
+    """
+
+    num_samples: int
+    shard_size: int = 1024
+    chunk_size: int = 8  # samples per zarr inner chunk: the unit of reading
+    backends: tuple[str, ...] = ("zarr",)
+    views: int = 1  # 1, or 2 when the horizontally flipped image is stored too
+    latent_channels: int = 4  # moments have 2x this: mean then std
+    latent_size: int = 32  # resolution / 8
+    tokens: int = 256
+    token_dim: int = 768
+    moments_dtype: str = "float16"
+    token_dtype: str = "float16"  # or "int8" with a per-token fp16 scale
+    compression: str | None = None  # None, or "zstd" (zarr backend only)
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ValueError(f"CacheSpec.{field}={getattr(self, field)!r}: {why}")
+
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if self.num_samples < 1:
+            bad("num_samples", "must be >= 1")
+        if self.shard_size < 1:
+            bad("shard_size", "must be >= 1")
+        if self.chunk_size < 1 or self.shard_size % self.chunk_size:
+            bad("chunk_size", f"must be >= 1 and divide shard_size={self.shard_size}")
+        if not self.backends or any(b not in BACKENDS for b in self.backends):
+            bad("backends", f"choose one or more of {BACKENDS}")
+        if len(set(self.backends)) != len(self.backends):
+            bad("backends", "lists a backend twice")
+        if self.views not in (1, 2):
+            bad("views", "must be 1 or 2 (original, or original + flipped)")
+        if self.moments_dtype not in FLOAT_DTYPES:
+            bad("moments_dtype", f"choose one of {FLOAT_DTYPES}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            bad("token_dtype", f"choose one of {TOKEN_DTYPES}")
+        if self.compression not in (None, "zstd"):
+            bad("compression", "choose None or 'zstd'")
+        for name in ("latent_channels", "latent_size", "tokens", "token_dim"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Global sample range [start, stop) of a shard."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} out of range [0, {self.num_shards})")
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        """Stored fields in storage dtypes (int8 tokens bring their scale field)."""
+        v, c, s = self.views, self.latent_channels, self.latent_size
+        out = {
+            MOMENTS: FieldSpec((v, 2 * c, s, s), self.moments_dtype),
+            TOKENS: FieldSpec((v, self.tokens, self.token_dim), self.token_dtype),
+        }
+        if self.token_dtype == "int8":
+            out[TOKENS_SCALE] = FieldSpec((v, self.tokens), "float16")
+        out[CLS] = FieldSpec((v, self.token_dim), "float16")
+        out[LABEL] = FieldSpec((), "int64")
+        out[INDEX] = FieldSpec((), "int64")
+        out[KEY] = FieldSpec((), "str")
+        return out
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return sum(f.nbytes for f in self.fields.values())
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["backends"] = list(self.backends)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CacheSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CacheError(f"manifest spec has unknown keys {unknown}; valid: {sorted(known)}")
+        return cls(**{**d, "backends": tuple(d.get("backends", ("zarr",)))})
+
+
+# ------------------------------------------------------------------ manifest & markers
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a unique temporary name and an atomic rename, so a
+    reader (or a writer killed half-way) never leaves or sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def manifest_path(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST_NAME
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a manifest: raises NotACacheError or FormatVersionError with the
+    path and what was found."""
+    root = Path(root)
+    if not root.exists():
+        raise NotACacheError(f"{root}: no such directory")
+    path = manifest_path(root)
+    if not path.is_file():
+        raise NotACacheError(f"{root} is not a urepa-cache: it has no {MANIFEST_NAME} "
+                             "(build one with `pipeline encode ... --out DIR`)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotACacheError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise NotACacheError(f"{path}: not a {FORMAT_NAME} manifest "
+                             f"(format={m.get('format') if isinstance(m, dict) else None!r})")
+    version = m.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{root}: cache format version {version!r} is newer than this code reads "
+            f"({FORMAT_VERSION}); upgrade urepa-cache")
+    return m
+
+
+def done_marker_path(root: str | os.PathLike, backend: str, shard: int) -> Path:
+    return Path(root) / DONE_DIR / backend / f"{shard:06d}.json"
+
+
+def read_done_marker(root: str | os.PathLike, backend: str, shard: int) -> dict | None:
+    """The done marker of a shard, or None if the shard is not (completely) written."""
+    path = done_marker_path(root, backend, shard)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return None  # a marker is written atomically, so this is external damage
+
+
+def latent_channel_stats(sums: np.ndarray, latent_channels: int) -> dict[str, Any]:
+    """Channel statistics of the latent z = mean + std * eps from accumulated sums.
+
+    `sums` is [4, C] float64: count, sum(mean), sum(mean^2), sum(std^2) per channel over
+    samples, views and positions. E[z] = E[mean]; Var[z] = Var[mean] + E[std^2].
+    Reported in raw VAE units and after the 0.18215 scale.
+    """
+    count, s1, s2, v = sums
+    count = np.maximum(count, 1)
+    mean = s1 / count
+    var = np.maximum(s2 / count - mean**2, 0) + v / count
+    std = np.sqrt(var)
+    return {
+        "count_per_channel": int(sums[0][0]) if latent_channels else 0,
+        "mean": [round(float(x), 6) for x in mean],
+        "std": [round(float(x), 6) for x in std],
+        "scaled_mean": [round(float(x) * LATENT_SCALE, 6) for x in mean],
+        "scaled_std": [round(float(x) * LATENT_SCALE, 6) for x in std],
+    }

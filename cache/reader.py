@@ -1,0 +1,281 @@
+"""Reading a cache: one API for both backends.
+
+    ds = open_cache(path)            # checks format, version, completeness
+    len(ds), ds[i], iter(ds)         # global index space; failed samples raise / are skipped
+    ds.gather(indices, fields)       # batched raw reads (the training loader's path)
+    ds.verify()                      # checksums, shapes, dtypes, NaN/Inf, counts, all shards
+    ds.stats()                       # a summary for humans
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, FailedSampleError,
+                     IncompleteCacheError, read_done_marker, read_manifest)
+from .quant import dequantize_tokens
+from .wds_backend import WdsReader, shard_path
+from .writer import sha256_file
+from .zarr_backend import ZarrReader, ZarrWriter
+
+READERS = {"zarr": ZarrReader, "wds": WdsReader}
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """Result of CacheDataset.verify(): every problem found, per backend and shard."""
+
+    problems: list[tuple[str, int | None, str]]  # (backend, shard or None, message)
+    shards_checked: int
+    samples_checked: int
+    bytes_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_shards(self) -> dict[str, list[int]]:
+        out: dict[str, set[int]] = {}
+        for backend, shard, _ in self.problems:
+            if shard is not None:
+                out.setdefault(backend, set()).add(shard)
+        return {b: sorted(s) for b, s in out.items()}
+
+    def __str__(self) -> str:
+        head = (f"{'OK' if self.ok else 'FAILED'}: {self.shards_checked} shard(s), "
+                f"{self.samples_checked} samples, {self.bytes_checked / 1e9:.2f} GB checked")
+        lines = [head] + [f"  {b} shard {s}: {msg}" if s is not None else f"  {b}: {msg}"
+                          for b, s, msg in self.problems]
+        return "\n".join(lines)
+
+
+def open_cache(path: str | os.PathLike, *, allow_partial: bool = False,
+               backend: str | None = None) -> CacheDataset:
+    """Open a cache directory. Raises NotACacheError, FormatVersionError, or
+    IncompleteCacheError (unless `allow_partial`, which serves the shards that are done).
+    `backend` picks zarr or wds when both were written (default: the first written)."""
+    return CacheDataset(path, allow_partial=allow_partial, backend=backend)
+
+
+class CacheDataset:
+    def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False,
+                 backend: str | None = None):
+        self.root = Path(path)
+        self.manifest = read_manifest(self.root)
+        self.spec = CacheSpec.from_json(self.manifest["spec"])
+        self.backend = backend or self.spec.backends[0]
+        if self.backend not in self.spec.backends:
+            raise ValueError(f"backend {self.backend!r} not in this cache "
+                             f"(it has {list(self.spec.backends)})")
+        spec = self.spec
+        done = np.array([read_done_marker(self.root, self.backend, k) is not None
+                         for k in range(spec.num_shards)])
+        if self.manifest.get("status") != "complete" or not done.all():
+            if not allow_partial:
+                raise IncompleteCacheError(
+                    f"{self.root} is incomplete: status {self.manifest.get('status')!r}, "
+                    f"{int(done.sum())}/{spec.num_shards} {self.backend} shards done. Finish "
+                    "it by rerunning the encode job, or open it with allow_partial=True")
+        self.shard_done = done
+        failures = self.manifest.get("failures")
+        if failures is None:  # not finalized: the done markers list them
+            failures = [f for k in np.flatnonzero(done)
+                        for f in read_done_marker(self.root, self.backend, k)["failures"]]
+        self.failures: dict[int, str] = {int(f["index"]): f["reason"] for f in failures}
+        available = np.repeat(done, spec.shard_size)[:spec.num_samples]
+        available[list(self.failures)] = False
+        self.valid_indices = np.flatnonzero(available).astype(np.int64)
+        self._reader = None
+
+    # --------------------------------------------------------------- random access
+    @property
+    def reader(self) -> ZarrReader | WdsReader:
+        """Backend reader, opened on first use (so each DataLoader worker opens its own)."""
+        if self._reader is None:
+            self._reader = READERS[self.backend](self.root, self.spec)
+        return self._reader
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}  # never pickle open files or mmaps
+
+    def __len__(self) -> int:
+        return self.spec.num_samples
+
+    @property
+    def num_valid(self) -> int:
+        return len(self.valid_indices)
+
+    def _check_available(self, i: int) -> None:
+        if not 0 <= i < self.spec.num_samples:
+            raise IndexError(f"sample {i} out of range [0, {self.spec.num_samples})")
+        if i in self.failures:
+            raise FailedSampleError(f"sample {i} failed at encode time: {self.failures[i]}")
+        shard = i // self.spec.shard_size
+        if not self.shard_done[shard]:
+            raise IncompleteCacheError(f"sample {i}: shard {shard} is not written yet")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample i with tokens dequantized to fp16: moments, tokens, cls, label, index, key."""
+        i = int(i)
+        self._check_available(i)
+        names = [n for n in self.spec.fields if n != KEY]
+        row = {k: v[0] for k, v in self.gather(np.array([i]), names).items()}
+        if TOKENS_SCALE in row:
+            row[TOKENS] = dequantize_tokens(row[TOKENS], row.pop(TOKENS_SCALE)).numpy()
+        row[LABEL], row[INDEX] = int(row[LABEL]), int(row[INDEX])
+        row[KEY] = self.reader.read_keys(i, i + 1)[0]
+        return row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Valid samples in index order."""
+        for i in self.valid_indices:
+            yield self[i]
+
+    def keys(self, indices: Sequence[int]) -> list[str]:
+        return [self.reader.read_keys(int(i), int(i) + 1)[0] for i in indices]
+
+    def gather(self, indices: np.ndarray, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored arrays of `fields` for `indices` (any order, no duplicates, all
+        available), in the order given. Reads each run of consecutive indices once and
+        copies each row once, from the backend straight into the output."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        cuts = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+        starts = np.concatenate([[0], cuts])
+        stops = np.concatenate([cuts, [len(sorted_idx)]])
+        out = {}
+        for name in fields:
+            f = self.spec.fields[name]
+            if f.dtype == "str":
+                raise ValueError(f"gather() reads numeric fields; use keys() for {name!r}")
+            arr = np.empty((len(indices), *f.shape), dtype=f.dtype)
+            for a, b in zip(starts, stops):
+                pos = a
+                for piece in self.reader.pieces(name, int(sorted_idx[a]),
+                                                int(sorted_idx[b - 1]) + 1):
+                    n = len(piece)
+                    arr[order[pos:pos + n]] = piece
+                    pos += n
+            out[name] = arr
+        return out
+
+    # --------------------------------------------------------------- verify & stats
+    def verify(self, backends: Sequence[str] | None = None,
+               num_threads: int | None = None) -> VerifyReport:
+        """Check every shard of every backend: done marker present, files present with
+        the recorded size and SHA-256, every field's shape and dtype, no NaN/Inf, the
+        index field and sample counts as the manifest says. Lists every bad shard."""
+        backends = list(backends or self.spec.backends)
+        problems: list[tuple[str, int | None, str]] = []
+        if self.manifest.get("status") != "complete":
+            problems.append(("manifest", None, f"status is {self.manifest.get('status')!r}, "
+                                               "not 'complete' (finalize was never run)"))
+        jobs = [(b, k) for b in backends for k in range(self.spec.num_shards)]
+        with ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(lambda job: self._verify_shard(*job), jobs))
+        samples = nbytes = 0
+        for (backend, shard), (shard_problems, n, size) in zip(jobs, results):
+            problems += [(backend, shard, p) for p in shard_problems]
+            samples, nbytes = samples + n, nbytes + size
+        n_failed = len(self.manifest.get("failures", []))
+        if self.manifest.get("status") == "complete" and \
+                self.manifest.get("num_valid") != self.spec.num_samples - n_failed:
+            problems.append(("manifest", None, f"num_valid {self.manifest.get('num_valid')} "
+                             f"!= num_samples {self.spec.num_samples} - failures {n_failed}"))
+        return VerifyReport(problems, len(jobs), samples, nbytes)
+
+    def _verify_shard(self, backend: str, shard: int) -> tuple[list[str], int, int]:
+        marker = read_done_marker(self.root, backend, shard)
+        if marker is None:
+            return ["not done (no done marker): rerun the encode job"], 0, 0
+        problems, nbytes = [], 0
+        expected = {str(p.relative_to(self.root))
+                    for p in _expected_files(self.root, self.spec, backend, shard)}
+        if set(marker["files"]) != expected:
+            problems.append(f"marker lists files {sorted(marker['files'])}, "
+                            f"expected {sorted(expected)}")
+        for rel, info in marker["files"].items():
+            path = self.root / rel
+            if not path.is_file():
+                problems.append(f"missing file {rel}")
+                continue
+            size = path.stat().st_size
+            nbytes += size
+            if size != info["bytes"]:
+                problems.append(f"{rel}: {size} bytes, expected {info['bytes']} (truncated?)")
+            elif sha256_file(path) != info["sha256"]:
+                problems.append(f"{rel}: checksum mismatch (corrupted)")
+        if problems:
+            return problems, 0, nbytes
+        try:
+            data = READERS[backend](self.root, self.spec).read_shard(shard)
+        except Exception as e:  # report any decode failure as this shard's problem
+            return [f"unreadable: {type(e).__name__}: {e}"], 0, nbytes
+        start, stop = self.spec.shard_range(shard)
+        failed = {f["index"] for f in marker["failures"]}
+        if backend == "wds":
+            want_index = np.array([i for i in range(start, stop) if i not in failed])
+        else:
+            want_index = np.arange(start, stop)
+        n = len(want_index)
+        if not np.array_equal(data.get(INDEX), want_index):
+            problems.append(f"sample indices do not match the shard range [{start}, {stop})")
+        if marker["num_samples"] != stop - start - len(failed):
+            problems.append(f"marker counts {marker['num_samples']} samples, expected "
+                            f"{stop - start - len(failed)}")
+        for name, f in self.spec.fields.items():
+            a = data.get(name)
+            if a is None:
+                problems.append(f"field {name!r} missing")
+                continue
+            if name == KEY:
+                if len(a) != n:
+                    problems.append(f"key: {len(a)} entries, expected {n}")
+                continue
+            if a.shape != (n, *f.shape) or a.dtype != np.dtype(f.dtype):
+                problems.append(f"{name}: {a.dtype}{list(a.shape)}, expected "
+                                f"{f.dtype}{[n, *f.shape]}")
+            elif a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))
+                problems.append(f"{name}: NaN/Inf in samples {(want_index[bad]).tolist()[:10]}")
+        return problems, n, nbytes
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, sizes, latent channel statistics and the label distribution."""
+        spec = self.spec
+        labels = self.gather(self.valid_indices, [LABEL])[LABEL] if self.num_valid else []
+        counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
+        present = counts[counts > 0]
+        # backend directories are named after the backends (zarr/, wds/)
+        disk = {b: sum(p.stat().st_size for p in (self.root / b).rglob("*") if p.is_file())
+                for b in spec.backends}
+        return {
+            "path": str(self.root),
+            "status": self.manifest.get("status"),
+            "num_samples": spec.num_samples,
+            "num_valid": self.num_valid,
+            "num_failed": len(self.failures),
+            "num_shards": spec.num_shards,
+            "shard_size": spec.shard_size,
+            "backends": list(spec.backends),
+            "bytes_per_sample": {n: f.nbytes for n, f in spec.fields.items() if f.nbytes},
+            "bytes_on_disk": disk,
+            "latent_channel_stats": self.manifest.get("latent", {}).get("channel_stats"),
+            "labels": {"classes_present": int(len(present)),
+                       "min_per_class": int(present.min()) if len(present) else 0,
+                       "max_per_class": int(present.max()) if len(present) else 0},
+        }
+
+
+def _expected_files(root: Path, spec: CacheSpec, backend: str, shard: int) -> list[Path]:
+    if backend == "zarr":
+        return [ZarrWriter(root, spec).shard_file(name, shard) for name in spec.fields]
+    return [shard_path(root, shard)]

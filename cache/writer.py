@@ -1,0 +1,248 @@
+"""Writing a cache: create once, write shards from anywhere, finalize once.
+
+    writer = create_cache(path, spec, provenance)   # manifest + array metadata, up front
+    writer.write_shard(k, arrays, failures)         # any process, any order, any rerun
+    finalize_cache(path)                            # checks every shard, writes the manifest
+
+`write_shard` needs no coordination between processes writing different shards: each
+backend writes its shard objects through a temporary name and a rename, then a done
+marker with the files' SHA-256 goes last. A writer killed half-way leaves no marker and
+the shard is written again on the next run; a shard that is already done is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .format import (CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
+                     MOMENTS, TOKENS, TOKENS_SCALE, CacheMismatchError, CacheSpec,
+                     IncompleteCacheError, atomic_write_json, done_marker_path,
+                     latent_channel_stats, manifest_path, read_done_marker, read_manifest)
+from .quant import quantize_tokens
+from .wds_backend import WdsWriter
+from .zarr_backend import ZarrWriter
+
+WRITERS = {"zarr": ZarrWriter, "wds": WdsWriter}
+# provenance keys that may differ between the run that created a cache and a resuming run
+VOLATILE_PROVENANCE = ("created", "software", "host", "command", "summary")
+_SOFTWARE = ("numpy", "torch", "zarr", "numcodecs", "webdataset", "ray", "timm",
+             "diffusers", "accelerate", "urepa-cache")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _SOFTWARE:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: existing {a.get(k)!r} vs requested {b.get(k)!r}"
+            for k in keys if a.get(k) != b.get(k)]
+
+
+def create_cache(root: str | Path, spec: CacheSpec,
+                 provenance: Mapping[str, Any] | None = None) -> CacheWriter:
+    """Create a cache (manifest with status "incomplete" and all array metadata), or
+    reopen an existing one for resuming. Reopening with a different spec or provenance
+    raises CacheMismatchError naming every differing key with both values."""
+    root = Path(root)
+    provenance = dict(provenance or {})
+    if manifest_path(root).exists():
+        m = read_manifest(root)
+        problems = _diff(m["spec"], spec.to_json())
+        problems += _diff(m.get("provenance", {}), provenance, ignore=VOLATILE_PROVENANCE)
+        if problems:
+            raise CacheMismatchError(
+                f"{root} already holds a cache built with other parameters; use a new "
+                "--out directory or the original parameters:\n  " + "\n  ".join(problems))
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        for backend in spec.backends:
+            WRITERS[backend](root, spec).create()
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "status": "incomplete",
+            "spec": spec.to_json(),
+            "fields": {name: f.to_json() for name, f in spec.fields.items()},
+            "latent": {"scale": LATENT_SCALE, "shift": 0.0, "stored": "posterior mean, std",
+                       "channels": spec.latent_channels,
+                       "layout": f"moments[:, :, :{spec.latent_channels}] = mean, "
+                                 f"moments[:, :, {spec.latent_channels}:] = std"},
+            "tokens": {"dtype": spec.token_dtype,
+                       "quantization": ("int8 absmax per token, fp16 scale in tokens_scale"
+                                        if spec.token_dtype == "int8" else None)},
+            "provenance": {**provenance, "created": _now(), "software": software_versions()},
+        }
+        atomic_write_json(manifest_path(root), manifest)
+    return CacheWriter(root)
+
+
+class CacheWriter:
+    """Writes shards of an existing (created) cache. Cheap to construct in every worker."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.spec = CacheSpec.from_json(self.manifest["spec"])
+        self._writers = {b: WRITERS[b](self.root, self.spec) for b in self.spec.backends}
+
+    def is_done(self, shard: int) -> bool:
+        return all(read_done_marker(self.root, b, shard) is not None for b in self.spec.backends)
+
+    def pending_shards(self) -> list[int]:
+        return [k for k in range(self.spec.num_shards) if not self.is_done(k)]
+
+    def prepare(self, shard: int, arrays: Mapping[str, np.ndarray],
+                failures: Mapping[int, str]) -> dict[str, np.ndarray]:
+        """Check a shard's logical arrays and convert them to the stored dtypes."""
+        spec, fields = self.spec, self.spec.fields
+        start, stop = spec.shard_range(shard)
+        n = stop - start
+        need = (MOMENTS, TOKENS, CLS, LABEL, KEY)
+        missing = [k for k in need if k not in arrays]
+        if missing:
+            raise ValueError(f"shard {shard}: missing fields {missing} (need {list(need)})")
+        bad_rows = [i for i in failures if not 0 <= i < n]
+        if bad_rows:
+            raise ValueError(f"shard {shard}: failure offsets {bad_rows} outside [0, {n})")
+        ok = np.ones(n, dtype=bool)
+        ok[list(failures)] = False
+        out: dict[str, np.ndarray] = {}
+        for name in need:
+            a = np.asarray(arrays[name])
+            want = fields[name].shape if name != TOKENS else (spec.views, spec.tokens,
+                                                               spec.token_dim)
+            if a.shape != (n, *want):
+                raise ValueError(f"shard {shard}: field {name!r} has shape {a.shape}, "
+                                 f"expected {(n, *want)}")
+            if a.dtype.kind == "f" and not np.isfinite(a[ok]).all():
+                rows = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(axis=1) & ok)
+                raise ValueError(f"shard {shard}: field {name!r} has NaN/Inf in rows "
+                                 f"{(rows + start).tolist()[:10]} (global indices)")
+            out[name] = a
+        for name in (MOMENTS, CLS):
+            out[name] = np.where(ok.reshape(-1, *[1] * (out[name].ndim - 1)), out[name], 0
+                                 ).astype(fields[name].dtype)
+        tokens = np.where(ok[:, None, None, None], out[TOKENS], 0)
+        if spec.token_dtype == "int8":
+            out[TOKENS], out[TOKENS_SCALE] = quantize_tokens(tokens)
+        else:
+            out[TOKENS] = tokens.astype(np.float16)
+        out[LABEL] = np.where(ok, out[LABEL], -1).astype(np.int64)
+        out[INDEX] = np.arange(start, stop, dtype=np.int64)
+        out[KEY] = np.asarray([str(k) for k in out[KEY]], dtype=object)
+        return out
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray],
+                    failures: Mapping[int, str] | None = None, *,
+                    overwrite: bool = False) -> bool:
+        """Write shard `shard` to every backend that has not finished it.
+
+        `arrays` holds the shard's samples in order: moments [n, V, 2C, H/8, W/8] and
+        tokens [n, V, T, D] and cls [n, V, D] as floats, label [n] ints, key [n] strings.
+        `failures` maps local offsets of samples that failed to encode to a reason; their
+        rows are ignored. Returns False if the shard was already done (nothing written).
+        """
+        failures = dict(failures or {})
+        todo = [b for b in self.spec.backends
+                if overwrite or read_done_marker(self.root, b, shard) is None]
+        if not todo:
+            return False
+        stored = self.prepare(shard, arrays, failures)
+        start, stop = self.spec.shard_range(shard)
+        marker = {
+            "shard": shard, "start": start, "stop": stop,
+            "num_samples": stop - start - len(failures),
+            "failures": [{"index": start + i, "key": str(stored[KEY][i]), "reason": r}
+                         for i, r in sorted(failures.items())],
+            "latent_sums": self._latent_sums(stored[MOMENTS], failures).tolist(),
+        }
+        for backend in todo:
+            done_marker_path(self.root, backend, shard).unlink(missing_ok=True)
+            files = self._writers[backend].write_shard(shard, stored, failed=set(failures))
+            # done marker last: its presence means every file above is complete
+            atomic_write_json(done_marker_path(self.root, backend, shard), {
+                **marker,
+                "files": {str(p.relative_to(self.root)): {"bytes": p.stat().st_size,
+                                                          "sha256": sha256_file(p)}
+                          for p in files},
+                "written": _now(),
+            })
+        return True
+
+    def _latent_sums(self, moments: np.ndarray, failures: Mapping[int, str]) -> np.ndarray:
+        """[4, C] count, sum(mean), sum(mean^2), sum(std^2) per channel over valid rows."""
+        c = self.spec.latent_channels
+        ok = np.ones(len(moments), dtype=bool)
+        ok[list(failures)] = False
+        m = moments[ok].astype(np.float64)
+        mean, std = m[:, :, :c], m[:, :, c:]
+        axes = (0, 1, 3, 4)
+        count = np.full(c, mean.size // c if c else 0, dtype=np.float64)
+        return np.stack([count, mean.sum(axes), (mean**2).sum(axes), (std**2).sum(axes)])
+
+
+def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Check that every shard of every backend is done, gather the shard table, failures
+    and latent statistics into the manifest and mark it complete (written last)."""
+    root = Path(root)
+    m = read_manifest(root)
+    spec = CacheSpec.from_json(m["spec"])
+    shards: dict[str, list] = {}
+    missing = []
+    markers = []
+    for backend in spec.backends:
+        table = []
+        for k in range(spec.num_shards):
+            mk = read_done_marker(root, backend, k)
+            if mk is None:
+                missing.append(f"{backend}:{k}")
+                continue
+            table.append({"shard": k, "status": "done", "num_samples": mk["num_samples"],
+                          "files": mk["files"]})
+            if backend == spec.backends[0]:
+                markers.append(mk)
+        shards[backend] = table
+    if missing:
+        raise IncompleteCacheError(
+            f"{root}: {len(missing)} shard(s) not done: {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; rerun the encode job to finish them")
+    failures = [f for mk in markers for f in mk["failures"]]
+    sums = np.sum([np.asarray(mk["latent_sums"]) for mk in markers], axis=0)
+    m["status"] = "complete"
+    m["num_samples"] = spec.num_samples
+    m["num_valid"] = spec.num_samples - len(failures)
+    m["failures"] = failures
+    m["latent"]["channel_stats"] = latent_channel_stats(sums, spec.latent_channels)
+    m["shards"] = shards
+    m["finalized"] = _now()
+    if provenance_update:
+        m["provenance"].update(provenance_update)
+    atomic_write_json(manifest_path(root), m)
+    return m

@@ -1,0 +1,170 @@
+"""zarr v3 backend: a group with one array per field, sharded along the sample axis.
+
+Writing goes through zarr's own API. A zarr shard (the storage object) is exactly one
+cache shard, so each is written whole by one writer: partial concurrent writes of one
+zarr shard lose data silently (../shared/reference/data-systems.md). zarr's LocalStore
+writes every object through a temporary name and a rename.
+
+Reading has two paths with identical results (tests/test_cache_roundtrip.py checks it):
+- the fast path, for the default layout (local files, no compression): mmap the shard file
+  and take each inner chunk at the (offset, nbytes) its shard index gives (zarr v3
+  sharding spec, index at the end, entries of two little-endian uint64). This reads at
+  memory speed; zarr 3.4's general pipeline reads the same bytes 3-4x slower
+  (docs/performance.md);
+- zarr's API for everything else (compressed arrays, strings, other stores).
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from .format import KEY, CacheSpec, FieldSpec
+
+GROUP = "zarr"
+_EMPTY = np.uint64(2**64 - 1)  # shard-index marker of a chunk that was never written
+
+
+def _chunk_key(shard: int, ndim: int) -> str:
+    """Relative path of a shard object (v3 default chunk key encoding, '/' separator)."""
+    return "/".join(["c", str(shard)] + ["0"] * (ndim - 1))
+
+
+class ZarrWriter:
+    name = "zarr"
+
+    def __init__(self, root: Path, spec: CacheSpec):
+        self.root, self.spec = Path(root), spec
+        self._arrays: dict[str, zarr.Array] | None = None
+
+    def create(self) -> None:
+        """Create the group and every array's metadata once, before any shard is written."""
+        group = zarr.open_group(self.root / GROUP, mode="a")
+        compressors = (zarr.codecs.ZstdCodec(level=3),) if self.spec.compression else None
+        for name, f in self.spec.fields.items():
+            if name in group:
+                continue
+            is_str = f.dtype == "str"
+            group.create_array(
+                name,
+                shape=(self.spec.num_samples, *f.shape),
+                dtype=str if is_str else f.dtype,
+                chunks=(self.spec.chunk_size, *f.shape),
+                shards=(self.spec.shard_size, *f.shape),
+                compressors=None if is_str else compressors,
+                fill_value="" if is_str else 0,
+                # keep shards dense: zero rows (failed samples) still get their chunk
+                config={"write_empty_chunks": True},
+            )
+
+    def _open(self) -> dict[str, zarr.Array]:
+        if self._arrays is None:
+            group = zarr.open_group(self.root / GROUP, mode="r+")
+            self._arrays = {name: group[name] for name in self.spec.fields}
+        return self._arrays
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray],
+                    failed: set[int] = frozenset()) -> list[Path]:
+        """Write one whole shard of every field; return the files written. Failed samples
+        keep their (zeroed) rows: zarr's sample axis is the global index."""
+        start, stop = self.spec.shard_range(shard)
+        files = []
+        for name, arr in self._open().items():
+            arr[start:stop] = arrays[name]
+            files.append(self.shard_file(name, shard))
+        return files
+
+    def shard_file(self, name: str, shard: int) -> Path:
+        ndim = 1 + len(self.spec.fields[name].shape)
+        return self.root / GROUP / name / _chunk_key(shard, ndim)
+
+
+class _MappedShard:
+    """Read-only view of one uncompressed zarr shard file through mmap."""
+
+    def __init__(self, path: Path, n_chunks: int, index_bytes: int):
+        with open(path, "rb") as f:
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        idx = np.frombuffer(self.buf, dtype="<u8", count=2 * n_chunks,
+                            offset=len(self.buf) - index_bytes)
+        self.index = idx.reshape(n_chunks, 2)
+
+
+class ZarrReader:
+    name = "zarr"
+
+    def __init__(self, root: Path, spec: CacheSpec, max_open_shards: int = 512):
+        self.root, self.spec = Path(root), spec
+        group = zarr.open_group(self.root / GROUP, mode="r")
+        self.arrays = {name: group[name] for name in spec.fields}
+        self._fast = {name: self._fast_layout(name) for name in spec.fields}
+        self._mapped: dict[tuple[str, int], _MappedShard] = {}
+        self._max_open = max_open_shards
+
+    def _fast_layout(self, name: str) -> int | None:
+        """Index size in bytes if `name` can be read by mmap, else None."""
+        arr = self.arrays[name]
+        if self.spec.fields[name].dtype == "str" or not (self.root / GROUP).is_dir():
+            return None
+        codecs = arr.metadata.to_dict().get("codecs", [])
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+            return None
+        conf = codecs[0]["configuration"]
+        inner = [c["name"] for c in conf["codecs"]]
+        little = conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+        if inner != ["bytes"] or not little or conf.get("index_location", "end") != "end":
+            return None
+        index_codecs = [c["name"] for c in conf["index_codecs"]]
+        if index_codecs not in (["bytes"], ["bytes", "crc32c"]):
+            return None
+        n_chunks = self.spec.shard_size // self.spec.chunk_size
+        return 16 * n_chunks + (4 if "crc32c" in index_codecs else 0)
+
+    def _shard(self, name: str, shard: int) -> _MappedShard:
+        key = (name, shard)
+        m = self._mapped.get(key)
+        if m is None:
+            if len(self._mapped) >= self._max_open:
+                self._mapped.pop(next(iter(self._mapped)))  # oldest first
+            ndim = 1 + len(self.spec.fields[name].shape)
+            path = self.root / GROUP / name / _chunk_key(shard, ndim)
+            m = _MappedShard(path, self.spec.shard_size // self.spec.chunk_size,
+                             self._fast[name])
+            self._mapped[key] = m
+        return m
+
+    def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Rows [start, stop) of field `name` as consecutive array pieces (views into the
+        mapped files on the fast path: copy them out before the reader goes away)."""
+        if self._fast[name] is None:
+            yield self.arrays[name][start:stop]
+            return
+        f: FieldSpec = self.spec.fields[name]
+        S, C = self.spec.shard_size, self.spec.chunk_size
+        dtype = np.dtype(f.dtype)
+        row = start
+        while row < stop:
+            shard, in_shard = divmod(row, S)
+            chunk, in_chunk = divmod(in_shard, C)
+            n = min(stop - row, C - in_chunk)
+            mapped = self._shard(name, shard)
+            offset, nbytes = mapped.index[chunk]
+            if offset == _EMPTY:
+                yield np.zeros((n, *f.shape), dtype)
+            else:
+                data = np.frombuffer(mapped.buf, dtype=dtype,
+                                     count=int(nbytes) // dtype.itemsize, offset=int(offset))
+                yield data.reshape(C, *f.shape)[in_chunk:in_chunk + n]
+            row += n
+
+    def read_keys(self, start: int, stop: int) -> list[str]:
+        return [str(k) for k in self.arrays[KEY][start:stop]]
+
+    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Every field of a shard through zarr's own API (the reference reader)."""
+        start, stop = self.spec.shard_range(shard)
+        return {name: np.asarray(arr[start:stop]) for name, arr in self.arrays.items()}
