@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -117,6 +118,30 @@ class _Task:
     views: np.ndarray | None  # chosen view per sample (view="random" with 2 views)
 
 
+class _BufferPool:
+    """Hands out output arrays, reusing one only when nothing outside the pool refers to
+    it any more (CPython reference counts are exact; a batch tensor made by
+    torch.from_numpy keeps its array alive). A fresh 400 MB window costs the kernel a
+    page-zeroing pass that halves the copy rate (docs/performance.md)."""
+
+    def __init__(self, max_per_shape: int = 4):
+        self.max_per_shape = max_per_shape
+        self.arrays: dict[tuple, list[np.ndarray]] = {}
+
+    def __call__(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        held = self.arrays.setdefault((shape, np.dtype(dtype).str), [])
+        for a in held:
+            if sys.getrefcount(a) == 3:  # the list, the loop variable, this call's argument
+                return a
+        a = np.empty(shape, dtype)
+        if len(held) < self.max_per_shape:
+            held.append(a)
+        return a
+
+    def __getstate__(self) -> dict:
+        return {"max_per_shape": self.max_per_shape, "arrays": {}}
+
+
 class _WindowFetcher(Dataset):
     """Map-style dataset whose 'indices' are window tasks; opened lazily per process."""
 
@@ -126,12 +151,13 @@ class _WindowFetcher(Dataset):
         if TOKENS in fields and ds.spec.token_dtype == "int8":
             fields.append(TOKENS_SCALE)
         self.read_fields = [f for f in fields if f != INDEX]
+        self.pool = _BufferPool()
 
     def __len__(self) -> int:
         raise TypeError("window fetcher has no length")
 
     def __getitem__(self, task: _Task) -> dict[str, torch.Tensor]:
-        raw = self.ds.gather(task.indices, self.read_fields)
+        raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool)
         out: dict[str, Any] = {}
         for name, a in raw.items():
             if name in _VIEW_FIELDS and self.cfg.view != "all":

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -141,10 +141,12 @@ class CacheDataset:
     def keys(self, indices: Sequence[int]) -> list[str]:
         return [self.reader.read_keys(int(i), int(i) + 1)[0] for i in indices]
 
-    def gather(self, indices: np.ndarray, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    def gather(self, indices: np.ndarray, fields: Sequence[str],
+               alloc: Callable[[tuple[int, ...], str], np.ndarray] = np.empty
+               ) -> dict[str, np.ndarray]:
         """Stored arrays of `fields` for `indices` (any order, no duplicates, all
         available), in the order given. Reads each run of consecutive indices once and
-        copies each row once, from the backend straight into the output."""
+        copies each row once, from the backend straight into arrays made by `alloc`."""
         indices = np.asarray(indices, dtype=np.int64)
         order = np.argsort(indices, kind="stable")
         sorted_idx = indices[order]
@@ -156,7 +158,7 @@ class CacheDataset:
             f = self.spec.fields[name]
             if f.dtype == "str":
                 raise ValueError(f"gather() reads numeric fields; use keys() for {name!r}")
-            arr = np.empty((len(indices), *f.shape), dtype=f.dtype)
+            arr = alloc((len(indices), *f.shape), f.dtype)
             for a, b in zip(starts, stops):
                 pos = a
                 for piece in self.reader.pieces(name, int(sorted_idx[a]),

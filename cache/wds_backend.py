@@ -54,6 +54,8 @@ class WdsWriter:
         `failed` holds the local offsets of samples to leave out."""
         start, stop = self.spec.shard_range(shard)
         path = shard_path(self.root, shard)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fields = [n for n in self.spec.fields if n != INDEX]
         try:
@@ -81,18 +83,37 @@ class WdsWriter:
 
 
 class _MappedTar:
-    """A tar file mapped into memory with an index {global index: {ext: (offset, size)}}."""
+    """A tar mapped into memory, indexed by member: `keys` are the samples' global indices
+    in tar order and offsets[ext] / sizes[ext] the data offset and size of each sample's
+    member with that extension."""
 
     def __init__(self, path: Path):
-        self.members: dict[int, dict[str, tuple[int, int]]] = {}
+        rows: dict[int, dict[str, tuple[int, int]]] = {}
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                if not m.isfile():
-                    continue
-                stem, _, ext = m.name.partition(".")
-                self.members.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
+                if m.isfile():
+                    stem, _, ext = m.name.partition(".")
+                    rows.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
+        self.keys = np.fromiter(rows, dtype=np.int64, count=len(rows))
+        exts = {e for r in rows.values() for e in r}
+        self.offsets = {e: np.array([r.get(e, (-1, 0))[0] for r in rows.values()], np.int64)
+                        for e in exts}
+        self.sizes = {e: np.array([r.get(e, (-1, 0))[1] for r in rows.values()], np.int64)
+                      for e in exts}
         with open(path, "rb") as f:
             self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def locate(self, start: int, stop: int, ext: str) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and sizes of `ext` for samples start..stop-1 (all must be present)."""
+        p = int(np.searchsorted(self.keys, start))
+        n = stop - start
+        if p + n > len(self.keys) or self.keys[p] != start or self.keys[p + n - 1] != stop - 1:
+            missing = sorted(set(range(start, stop)) - set(self.keys.tolist()))
+            raise KeyError(f"samples {missing[:10]} are not in this tar")
+        offs, sizes = self.offsets[ext][p:p + n], self.sizes[ext][p:p + n]
+        if (offs < 0).any():
+            raise KeyError(f"a sample in [{start}, {stop}) lacks its .{ext} member")
+        return offs, sizes
 
 
 class WdsReader:
@@ -112,8 +133,9 @@ class WdsReader:
             t = self._tars[shard] = _MappedTar(shard_path(self.root, shard))
         return t
 
-    def _npy(self, buf: mmap.mmap, offset: int, size: int) -> np.ndarray:
-        """View an .npy payload in place; headers are parsed by numpy once per layout."""
+    def _npy_layout(self, buf: mmap.mmap, offset: int, size: int
+                    ) -> tuple[int, np.dtype, tuple[int, ...]]:
+        """(payload offset, dtype, shape) of an .npy member; parsed by numpy once per layout."""
         head = bytes(buf[offset:offset + 128])
         hit = self._headers.get(head)
         if hit is None:
@@ -125,36 +147,48 @@ class WdsReader:
             if fortran:
                 raise ValueError("fortran-ordered .npy members are not written by this cache")
             hit = self._headers[head] = (f.tell(), dtype, shape)
-        data_off, dtype, shape = hit
-        return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)),
-                             offset=offset + data_off).reshape(shape)
-
-    def _member(self, index: int, name: str) -> tuple[_MappedTar, int, int]:
-        tar = self._tar(index // self.spec.shard_size)
-        try:
-            off, size = tar.members[index][member_ext(name)]
-        except KeyError:
-            raise KeyError(f"sample {index} has no {member_ext(name)} member in "
-                           f"{shard_path(self.root, index // self.spec.shard_size)}") from None
-        return tar, off, size
+        return hit
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
-        """Rows [start, stop) of field `name`, one single-row piece per sample."""
-        for i in range(start, stop):
-            if name == INDEX:
-                yield np.array([i], dtype=np.int64)
-                continue
-            tar, off, size = self._member(i, name)
-            if name == LABEL:
-                yield np.array([int(bytes(tar.buf[off:off + size]))], dtype=np.int64)
-            else:
-                yield self._npy(tar.buf, off, size)[None]
+        """Rows [start, stop) of field `name`. Members of consecutive samples written by
+        this cache sit at a fixed stride in the tar, so a run within one shard is a single
+        strided view of the mapped file; otherwise one view per sample."""
+        S = self.spec.shard_size
+        while start < stop:
+            end = min(stop, (start // S + 1) * S)
+            yield from self._shard_pieces(name, start, end)
+            start = end
+
+    def _shard_pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
+        if name == INDEX:
+            yield np.arange(start, stop, dtype=np.int64)
+            return
+        tar = self._tar(start // self.spec.shard_size)
+        offs, sizes = tar.locate(start, stop, member_ext(name))
+        if name == LABEL:
+            yield np.array([int(bytes(tar.buf[o:o + s])) for o, s in zip(offs, sizes)],
+                           dtype=np.int64)
+            return
+        data_off, dtype, shape = self._npy_layout(tar.buf, int(offs[0]), int(sizes[0]))
+        row_strides = np.empty(shape, dtype).strides
+        stride = np.diff(offs)
+        if (sizes == sizes[0]).all() and (len(offs) == 1 or (stride == stride[0]).all()):
+            yield np.ndarray((len(offs), *shape), dtype=dtype, buffer=tar.buf,
+                             offset=int(offs[0]) + data_off,
+                             strides=(int(stride[0]) if len(stride) else 0, *row_strides))
+            return
+        for o, s in zip(offs, sizes):  # irregular layout (a tar written by other tools)
+            d, dt, sh = self._npy_layout(tar.buf, int(o), int(s))
+            yield np.ndarray((1, *sh), dtype=dt, buffer=tar.buf, offset=int(o) + d)
 
     def read_keys(self, start: int, stop: int) -> list[str]:
-        out = []
-        for i in range(start, stop):
-            tar, off, size = self._member(i, KEY)
-            out.append(bytes(tar.buf[off:off + size]).decode())
+        out, S = [], self.spec.shard_size
+        while start < stop:
+            end = min(stop, (start // S + 1) * S)
+            tar = self._tar(start // S)
+            offs, sizes = tar.locate(start, end, member_ext(KEY))
+            out += [bytes(tar.buf[o:o + s]).decode() for o, s in zip(offs, sizes)]
+            start = end
         return out
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:

@@ -168,7 +168,8 @@ class CacheWriter:
         `failures` maps local offsets of samples that failed to encode to a reason; their
         rows are ignored. Returns False if the shard was already done (nothing written).
         """
-        failures = dict(failures or {})
+        shard = int(shard)  # numpy integers are not JSON-serializable
+        failures = {int(i): str(r) for i, r in (failures or {}).items()}
         todo = [b for b in self.spec.backends
                 if overwrite or read_done_marker(self.root, b, shard) is None]
         if not todo:

@@ -74,8 +74,12 @@ class ZarrWriter:
         start, stop = self.spec.shard_range(shard)
         files = []
         for name, arr in self._open().items():
+            path = self.shard_file(name, shard)
+            # a writer killed inside zarr's atomic write leaves '<file>.<uuid>.partial'
+            for stale in path.parent.glob(f"{path.name}.*.partial"):
+                stale.unlink(missing_ok=True)
             arr[start:stop] = arrays[name]
-            files.append(self.shard_file(name, shard))
+            files.append(path)
         return files
 
     def shard_file(self, name: str, shard: int) -> Path:
@@ -146,19 +150,28 @@ class ZarrReader:
         f: FieldSpec = self.spec.fields[name]
         S, C = self.spec.shard_size, self.spec.chunk_size
         dtype = np.dtype(f.dtype)
+        row_bytes = f.nbytes
         row = start
         while row < stop:
             shard, in_shard = divmod(row, S)
-            chunk, in_chunk = divmod(in_shard, C)
-            n = min(stop - row, C - in_chunk)
+            first, in_chunk = divmod(in_shard, C)
+            rows_left = min(stop, (shard + 1) * S) - row  # stay inside this shard
             mapped = self._shard(name, shard)
-            offset, nbytes = mapped.index[chunk]
+            offset, nbytes = mapped.index[first]
             if offset == _EMPTY:
+                n = min(rows_left, C - in_chunk)
                 yield np.zeros((n, *f.shape), dtype)
-            else:
-                data = np.frombuffer(mapped.buf, dtype=dtype,
-                                     count=int(nbytes) // dtype.itemsize, offset=int(offset))
-                yield data.reshape(C, *f.shape)[in_chunk:in_chunk + n]
+                row += n
+                continue
+            # extend over the following chunks stored back to back: one view for the run
+            last, chunks_needed = first, -(-(in_chunk + rows_left) // C)
+            while (last - first + 1 < chunks_needed and mapped.index[last + 1, 0]
+                   == mapped.index[last, 0] + mapped.index[last, 1]):
+                last += 1
+            n = min(rows_left, (last - first + 1) * C - in_chunk)
+            count = (in_chunk + n) * row_bytes // dtype.itemsize
+            data = np.frombuffer(mapped.buf, dtype=dtype, count=count, offset=int(offset))
+            yield data.reshape(in_chunk + n, *f.shape)[in_chunk:]
             row += n
 
     def read_keys(self, start: int, stop: int) -> list[str]:
