@@ -20,13 +20,14 @@ verification and of the encode job's work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -189,19 +190,32 @@ class CacheSpec:
 
 
 # ------------------------------------------------------------------ manifest & markers
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a unique temporary name and an atomic rename, so a
-    reader (or a writer killed half-way) never leaves or sees a partial file."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Open a unique temporary file `.NAME.<pid>.<ns>.tmp` beside `path` for writing and
+    rename it to `path` when the block ends without error, so no reader ever sees a
+    partial file. A writer killed half-way leaves only the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Remove temporary files that killed writers of `path` left behind."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from .format import INDEX, KEY, LABEL, CacheSpec
+from .format import INDEX, KEY, LABEL, CacheSpec, atomic_file, remove_stale_tmp
 
 DIR = "wds"
 _EXT = {"label": "label.cls", "key": "key.txt"}  # every other field: "<name>.npy"
@@ -54,31 +53,23 @@ class WdsWriter:
         `failed` holds the local offsets of samples to leave out."""
         start, stop = self.spec.shard_range(shard)
         path = shard_path(self.root, shard)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        remove_stale_tmp(path)
         fields = [n for n in self.spec.fields if n != INDEX]
-        try:
-            with open(tmp, "wb") as f:
-                # mtime fixed: the same inputs give a byte-identical tar
-                with wds.TarWriter(f, mtime=0.0, user="urepa", group="urepa") as sink:
-                    for i in range(stop - start):
-                        if i in failed:
-                            continue
-                        sample = {"__key__": f"{start + i:09d}"}
-                        for name in fields:
-                            value = arrays[name][i]
-                            if name == LABEL:
-                                value = str(int(value))
-                            elif name == KEY:
-                                value = str(value)
-                            sample[member_ext(name)] = value
-                        sink.write(sample)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as f:
+            # mtime fixed: the same inputs give a byte-identical tar
+            with wds.TarWriter(f, mtime=0.0, user="urepa", group="urepa") as sink:
+                for i in range(stop - start):
+                    if i in failed:
+                        continue
+                    sample = {"__key__": f"{start + i:09d}"}
+                    for name in fields:
+                        value = arrays[name][i]
+                        if name == LABEL:
+                            value = str(int(value))
+                        elif name == KEY:
+                            value = str(value)
+                        sample[member_ext(name)] = value
+                    sink.write(sample)
         return [path]
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from .format import (CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
                      MOMENTS, TOKENS, TOKENS_SCALE, CacheMismatchError, CacheSpec,
                      IncompleteCacheError, atomic_write_json, done_marker_path,
-                     latent_channel_stats, manifest_path, read_done_marker, read_manifest)
+                     latent_channel_stats, manifest_path, read_done_marker, read_manifest,
+                     remove_stale_tmp)
 from .quant import quantize_tokens
 from .wds_backend import WdsWriter
 from .zarr_backend import ZarrWriter
@@ -184,10 +185,12 @@ class CacheWriter:
             "latent_sums": self._latent_sums(stored[MOMENTS], failures).tolist(),
         }
         for backend in todo:
-            done_marker_path(self.root, backend, shard).unlink(missing_ok=True)
+            marker_path = done_marker_path(self.root, backend, shard)
+            marker_path.unlink(missing_ok=True)
+            remove_stale_tmp(marker_path)
             files = self._writers[backend].write_shard(shard, stored, failed=set(failures))
             # done marker last: its presence means every file above is complete
-            atomic_write_json(done_marker_path(self.root, backend, shard), {
+            atomic_write_json(marker_path, {
                 **marker,
                 "files": {str(p.relative_to(self.root)): {"bytes": p.stat().st_size,
                                                           "sha256": sha256_file(p)}
