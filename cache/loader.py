@@ -60,6 +60,8 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.{field}={getattr(self, field)!r}: {why}")
 
         self.fields = tuple(self.fields)
+        if not self.fields:
+            bad("fields", "name at least one field")
         if self.batch_size < 1:
             bad("batch_size", "must be >= 1")
         if self.block_size < 1:
@@ -127,19 +129,37 @@ class _BufferPool:
     def __init__(self, max_per_shape: int = 4):
         self.max_per_shape = max_per_shape
         self.arrays: dict[tuple, list[np.ndarray]] = {}
+        self._free = self._calibrate()
+
+    @staticmethod
+    def _count(held: list[np.ndarray]) -> list[int]:
+        return [sys.getrefcount(a) for a in held]  # the same code path for both uses
+
+    @classmethod
+    def _calibrate(cls) -> int | None:
+        """The reference count an unreferenced pooled array shows here, or None (no
+        recycling) if an outside reference would not raise it: interpreters differ."""
+        held = [np.empty(1)]
+        free = cls._count(held)[0]
+        outside = held[0]
+        if cls._count(held)[0] != free + 1:
+            return None
+        del outside
+        return free
 
     def __call__(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         held = self.arrays.setdefault((shape, np.dtype(dtype).str), [])
-        for a in held:
-            if sys.getrefcount(a) == 3:  # the list, the loop variable, this call's argument
-                return a
+        if self._free is not None:
+            for a, refs in zip(held, self._count(held)):
+                if refs == self._free:
+                    return a
         a = np.empty(shape, dtype)
         if len(held) < self.max_per_shape:
             held.append(a)
         return a
 
     def __getstate__(self) -> dict:
-        return {"max_per_shape": self.max_per_shape, "arrays": {}}
+        return {"max_per_shape": self.max_per_shape, "arrays": {}, "_free": self._free}
 
 
 class _WindowFetcher(Dataset):

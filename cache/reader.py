@@ -148,6 +148,9 @@ class CacheDataset:
         available), in the order given. Reads each run of consecutive indices once and
         copies each row once, from the backend straight into arrays made by `alloc`."""
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return {name: alloc((0, *self.spec.fields[name].shape), self.spec.fields[name].dtype)
+                    for name in fields}
         order = np.argsort(indices, kind="stable")
         sorted_idx = indices[order]
         cuts = np.flatnonzero(np.diff(sorted_idx) != 1) + 1

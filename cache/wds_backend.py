@@ -203,7 +203,11 @@ class WdsReader:
         out = {INDEX: np.asarray(indices, dtype=np.int64)}
         for field in ext_to_field.values():
             try:
-                out[field] = np.asarray([samples[i][field] for i in indices])
+                values = [samples[i][field] for i in indices]
             except KeyError:
                 raise ValueError(f"a sample lacks its {member_ext(field)} member") from None
+            f = self.spec.fields[field]
+            # a shard whose samples all failed is an empty tar: keep the declared layout
+            out[field] = (np.asarray(values) if values else
+                          np.empty((0, *f.shape), object if f.dtype == "str" else f.dtype))
         return out

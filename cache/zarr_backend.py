@@ -57,14 +57,17 @@ class ZarrWriter:
                 shards=(self.spec.shard_size, *f.shape),
                 compressors=None if is_str else compressors,
                 fill_value="" if is_str else 0,
-                # keep shards dense: zero rows (failed samples) still get their chunk
-                config={"write_empty_chunks": True},
             )
 
     def _open(self) -> dict[str, zarr.Array]:
         if self._arrays is None:
             group = zarr.open_group(self.root / GROUP, mode="r+")
-            self._arrays = {name: group[name] for name in self.spec.fields}
+            # Write every inner chunk, also all-zero ones (a shard of class-0 labels, the
+            # rows of failed samples): zarr would otherwise skip them and, for a shard that
+            # is all zeros, write no file at all. The setting is not stored in the array
+            # metadata, so it is applied at every open.
+            self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
+                            for name in self.spec.fields}
         return self._arrays
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray],

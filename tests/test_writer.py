@@ -129,3 +129,29 @@ def test_finalize_refuses_missing_shards(tmp_path, spec):
     done_marker_path(tmp_path / "c", "wds", 3).unlink()
     with pytest.raises(IncompleteCacheError, match=r"1 shard\(s\) not done: \['wds:3'\]"):
         finalize_cache(tmp_path / "c")
+
+
+@pytest.mark.parametrize("backends", [("zarr",), ("wds",), ("zarr", "wds")])
+def test_all_zero_and_all_failed_shards(tmp_path, backends):
+    """A shard whose labels are all 0 (ImageNet's first 1,300 images are class 0) and a
+    shard whose samples all failed are written, read and verified."""
+    spec = small_spec(num_samples=48, shard_size=16, backends=backends)
+    writer = create_cache(tmp_path / "c", spec)
+    for k in range(3):
+        arrays = synthetic_shard(spec, k)
+        if k == 0:
+            arrays["label"] = np.zeros(16, dtype=np.int64)
+        failures = {i: "unreadable" for i in range(16)} if k == 1 else {}
+        writer.write_shard(k, arrays, failures)
+    finalize_cache(tmp_path / "c")
+    for backend in backends:
+        ds = open_cache(tmp_path / "c", backend=backend)
+        report = ds.verify()
+        assert report.ok, str(report)
+        assert ds.valid_indices.tolist() == list(range(16)) + list(range(32, 48))
+        assert ds[5]["label"] == 0 and ds[40]["index"] == 40
+
+
+def test_gather_nothing(tmp_path, spec):
+    ds = open_cache(write_synthetic_cache(tmp_path / "c", spec))
+    assert ds.gather(np.array([], dtype=np.int64), ["moments"])["moments"].shape == (0, 1, 8, 4, 4)
