@@ -260,13 +260,11 @@ def read_done_marker(root: str | os.PathLike, backend: str, shard: int) -> dict 
     path = done_marker_path(root, backend, shard)
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (OSError, json.JSONDecodeError):  # missing, or damaged from outside (writes are atomic)
         return None
-    except (OSError, json.JSONDecodeError):
-        return None  # a marker is written atomically, so this is external damage
 
 
-def latent_channel_stats(sums: np.ndarray, latent_channels: int) -> dict[str, Any]:
+def latent_channel_stats(sums: np.ndarray) -> dict[str, Any]:
     """Channel statistics of the latent z = mean + std * eps from accumulated sums.
 
     `sums` is [4, C] float64: count, sum(mean), sum(mean^2), sum(std^2) per channel over
@@ -279,7 +277,7 @@ def latent_channel_stats(sums: np.ndarray, latent_channels: int) -> dict[str, An
     var = np.maximum(s2 / count - mean**2, 0) + v / count
     std = np.sqrt(var)
     return {
-        "count_per_channel": int(sums[0][0]) if latent_channels else 0,
+        "count_per_channel": int(sums[0][0]),
         "mean": [round(float(x), 6) for x in mean],
         "std": [round(float(x), 6) for x in std],
         "scaled_mean": [round(float(x) * LATENT_SCALE, 6) for x in mean],

@@ -173,9 +173,6 @@ class _WindowFetcher(Dataset):
         self.read_fields = [f for f in fields if f != INDEX]
         self.pool = _BufferPool()
 
-    def __len__(self) -> int:
-        raise TypeError("window fetcher has no length")
-
     def __getitem__(self, task: _Task) -> dict[str, torch.Tensor]:
         raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool)
         out: dict[str, Any] = {}

@@ -141,20 +141,21 @@ class CacheWriter:
             if a.shape != (n, *want):
                 raise ValueError(f"shard {shard}: field {name!r} has shape {a.shape}, "
                                  f"expected {(n, *want)}")
-            if a.dtype.kind == "f" and not np.isfinite(a[ok]).all():
-                rows = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(axis=1) & ok)
-                raise ValueError(f"shard {shard}: field {name!r} has NaN/Inf in rows "
-                                 f"{(rows + start).tolist()[:10]} (global indices)")
+            if a.dtype.kind == "f":
+                bad = ok & ~np.isfinite(a.reshape(n, -1)).all(axis=1)
+                if bad.any():
+                    raise ValueError(f"shard {shard}: field {name!r} has NaN/Inf in rows "
+                                     f"{(np.flatnonzero(bad) + start).tolist()[:10]} "
+                                     "(global indices)")
             out[name] = a
-        for name in (MOMENTS, CLS):
-            out[name] = np.where(ok.reshape(-1, *[1] * (out[name].ndim - 1)), out[name], 0
-                                 ).astype(fields[name].dtype)
-        tokens = np.where(ok[:, None, None, None], out[TOKENS], 0)
+        # one converting copy per field; rows of failed samples are then zeroed in place
+        for name, dtype in ((MOMENTS, fields[MOMENTS].dtype), (CLS, fields[CLS].dtype),
+                            (TOKENS, "float32" if spec.token_dtype == "int8" else "float16"),
+                            (LABEL, "int64")):
+            out[name] = out[name].astype(dtype)
+            out[name][~ok] = -1 if name == LABEL else 0
         if spec.token_dtype == "int8":
-            out[TOKENS], out[TOKENS_SCALE] = quantize_tokens(tokens)
-        else:
-            out[TOKENS] = tokens.astype(np.float16)
-        out[LABEL] = np.where(ok, out[LABEL], -1).astype(np.int64)
+            out[TOKENS], out[TOKENS_SCALE] = quantize_tokens(out[TOKENS])
         out[INDEX] = np.arange(start, stop, dtype=np.int64)
         out[KEY] = np.asarray([str(k) for k in out[KEY]], dtype=object)
         return out
@@ -243,7 +244,7 @@ def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None
     m["num_samples"] = spec.num_samples
     m["num_valid"] = spec.num_samples - len(failures)
     m["failures"] = failures
-    m["latent"]["channel_stats"] = latent_channel_stats(sums, spec.latent_channels)
+    m["latent"]["channel_stats"] = latent_channel_stats(sums)
     m["shards"] = shards
     m["finalized"] = _now()
     if provenance_update:
