@@ -57,8 +57,65 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    print("pipeline encode: not yet implemented (issue 3)", file=sys.stderr)
-    return 2
+    from .encoders import WeightsError
+    from .job import EncodeConfig, TooManyFailures, make_plan, run_encode
+    from .sources import SourceError
+    opts = {k: v for k, v in vars(args).items() if k not in ("command", "func", "dry_run")}
+    opts["progress"] = not opts.pop("no_progress")
+    try:
+        cfg = EncodeConfig(**opts)
+        if args.dry_run:
+            plan = make_plan(cfg)
+            print(plan.describe())
+            return 0
+        run_encode(cfg)
+    except (ValueError, SourceError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TooManyFailures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _add_encode_args(enc: argparse.ArgumentParser) -> None:
+    from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, TEACHERS
+    from .sources import SOURCES
+    a = enc.add_argument
+    a("--dataset", default="imagenet", choices=sorted(SOURCES))
+    a("--data-dir", help="image root (imagenet: the folder holding train/ and val/); "
+                         "demo: where to generate the demo images")
+    a("--out", required=True, help="cache directory (created, or resumed if it exists)")
+    a("--split", default="train", choices=("train", "val"))
+    a("--format", default="zarr", choices=("zarr", "wds", "both"))
+    a("--resolution", type=int, default=256, help="256 or 512 (any multiple of 32)")
+    a("--views", type=int, default=1, choices=(1, 2),
+      help="2 also encodes the horizontally flipped image")
+    a("--vae", default=DEFAULT_VAE, help="diffusers hub id or local dir ('tiny': test VAE)")
+    a("--teacher", default=DEFAULT_TEACHER, choices=sorted(TEACHERS))
+    a("--teacher-weights", help="official dinov2_*_pretrain.pth or timm weights file "
+                                "(default: timm's hub weights)")
+    a("--random-weights", action="store_true",
+      help="random-init models (smoke tests and benchmarks only; recorded in the manifest)")
+    a("--token-dtype", default="fp16", choices=("fp16", "int8"))
+    a("--moments-dtype", default="fp16", choices=("fp16", "fp32"))
+    a("--shard-size", type=int, default=1024, help="images per shard (unit of work)")
+    a("--batch-size", type=int, default=256, help="images per encoder forward pass")
+    a("--num-gpus", type=int, help="GPU encoders (default: every GPU Ray sees; 0: CPU)")
+    a("--cpu-encoders", type=int, default=1, help="encoder actors when there is no GPU")
+    a("--encoder-threads", type=int, default=1, help="torch threads per CPU encoder")
+    a("--precision", choices=("bf16", "fp16", "fp32"),
+      help="encoder precision (default: bf16 on GPU, fp32 on CPU)")
+    a("--compile", action="store_true", help="torch.compile the encoders")
+    a("--address", help="existing Ray cluster (e.g. auto or ray://head:10001); "
+                        "default: embedded local Ray")
+    a("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    a("--limit", type=int, help="encode N images spread evenly over the sorted list")
+    a("--max-failures", default="0.1%",
+      help="undecodable images allowed, a count or a percentage (default 0.1%%)")
+    a("--seed", type=int, default=0, help="seed of --random-weights")
+    a("--no-progress", action="store_true", help="no live progress bar")
+    a("--dry-run", action="store_true", help="list, load the models, print the plan, stop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="encode an image set into a cache (Ray job)")
     enc.set_defaults(func=cmd_encode)
+    _add_encode_args(enc)
     for name, func, help_ in (("verify", cmd_verify, "check every shard of a cache"),
                               ("inspect", cmd_inspect, "print a readable manifest summary"),
                               ("stats", cmd_stats, "counts, sizes, latent and label stats")):

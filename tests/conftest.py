@@ -1,3 +1,11 @@
+import os
+import tempfile
+
+# Hermetic: no test may reach the network or read the user's Hugging Face cache (set before
+# huggingface_hub is imported; Ray workers started by the tests inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="urepa-test-hf-")
+
 import numpy as np
 import pytest
 
@@ -34,3 +42,65 @@ def expected(spec: CacheSpec, i: int) -> dict:
     return {"moments": s["moments"].astype(spec.moments_dtype),
             "tokens": s["tokens"], "cls": s["cls"].astype(np.float16),
             "label": int(s["label"]), "key": s["key"]}
+
+
+# ---------------------------------------------------------------- image folders for the pipeline
+
+def write_jpeg_folder(root, classes: int = 3, per_class: int = 4, seed: int = 0):
+    """root/class_<c>/img_<i>.JPEG: real JPEGs of assorted sizes (some need BOX halving)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(x) for x in rng.integers(40, 200, size=2))
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"img_{i:03d}.JPEG", quality=90)
+    return root
+
+
+# name -> (bytes factory, decodes?) for the bad-input folder; the reason text is checked too
+def bad_inputs(tmp):
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(1)
+
+    def save(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    rgb = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    good = save(rgb, "JPEG", quality=90)
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    gray16 = Image.fromarray((rng.integers(0, 65536, (70, 70))).astype(np.uint16))
+    return {
+        "a_good.JPEG": (good, None),
+        "b_truncated.JPEG": (good[: len(good) // 2], "corrupt image"),
+        "c_garbage.JPEG": (good[:20] + rng.bytes(3000), "corrupt image"),
+        "d_png_named.JPEG": (save(rgb, "PNG"), None),
+        "e_cmyk.JPEG": (save(rgb.convert("CMYK"), "JPEG"), None),
+        "f_gray.JPEG": (save(rgb.convert("L"), "JPEG"), None),
+        "g_rgba.png": (save(rgb.convert("RGBA"), "PNG"), None),
+        "h_palette.png": (save(pal, "PNG"), None),
+        "i_empty.JPEG": (b"", "empty file"),
+        "j_tiny.JPEG": (save(Image.new("RGB", (1, 1), (200, 10, 10)), "JPEG"), None),
+        "k_notes.txt": (b"not an image at all\n" * 10, "not an image"),
+        "l_gray16.png": (save(gray16, "PNG"), None),
+        "m_strip.png": (save(Image.new("RGB", (2, 100)), "PNG"), "aspect ratio"),
+    }
+
+
+def write_bad_folder(root):
+    """One class folder of good and bad files, plus a broken symlink (unreadable)."""
+    d = root / "class_0"
+    d.mkdir(parents=True)
+    cases = bad_inputs(root)
+    for name, (data, _) in cases.items():
+        (d / name).write_bytes(data)
+    (d / "n_unreadable.JPEG").symlink_to(root / "does-not-exist.JPEG")
+    cases["n_unreadable.JPEG"] = (None, "unreadable file")
+    return root, cases

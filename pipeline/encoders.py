@@ -1,0 +1,314 @@
+"""The encoders (the GPU stage): SD-VAE posterior moments and DINOv2 tokens of a batch.
+
+    vae = build_vae("stabilityai/sd-vae-ft-mse")       # diffusers AutoencoderKL
+    teacher = build_teacher("dinov2-b", resolution=256) # timm ViT, pos-embed at 16x16
+    enc = Encoder(vae, teacher, resolution=256, device="cuda")
+    out = enc.encode(images_uint8_nhwc)                 # moments, tokens, cls as numpy
+
+Exactness (methods.md section 1): VAE input x/127.5 - 1, the posterior mean and std are
+kept (not a sample, not scaled); teacher input x/255, ImageNet mean/std, then a bicubic
+resize to (R/16)*14 px (224 at 256, 448 at 512) without antialias; the teacher's
+positional embedding is resampled once at load to the (R/16)^2 grid (bicubic with
+antialias, as timm's loader and REPA do); outputs are the final-norm patch tokens and CLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+DEFAULT_TEACHER = "dinov2-b"
+
+# stabilityai/sd-vae-ft-mse's config.json: 83.7M parameters, 34.2M in the encoder;
+# 272.7 GFLOPs per 256 px image for the encoder (methods.md section 7)
+SD_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=256)
+# the same structure, small enough for CPU tests and the demo (random weights only)
+TINY_VAE_CONFIG: dict[str, Any] = {**SD_VAE_CONFIG, "block_out_channels": (16, 32, 32, 32),
+                                   "layers_per_block": 1, "norm_num_groups": 8}
+VAES = {"sd-vae": SD_VAE_CONFIG, "tiny": TINY_VAE_CONFIG}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    arch: str                 # timm architecture
+    dim: int
+    registers: int = 0
+    pretrained_tag: str | None = "lvd142m"
+    kwargs: dict = field(default_factory=dict)   # architecture overrides (tiny test model)
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "dinov2-s": TeacherSpec("vit_small_patch14_dinov2", 384),
+    "dinov2-b": TeacherSpec("vit_base_patch14_dinov2", 768),      # REPA's default, 86.6M
+    "dinov2-l": TeacherSpec("vit_large_patch14_dinov2", 1024),
+    "dinov2-g": TeacherSpec("vit_giant_patch14_dinov2", 1536),
+    "dinov2-s-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 384, 4),
+    "dinov2-b-reg": TeacherSpec("vit_base_patch14_reg4_dinov2", 768, 4),
+    "dinov2-l-reg": TeacherSpec("vit_large_patch14_reg4_dinov2", 1024, 4),
+    "dinov2-g-reg": TeacherSpec("vit_giant_patch14_reg4_dinov2", 1536, 4),
+    # a 2-block, 64-wide DINOv2-structured ViT for tests and the CPU demo (random weights)
+    "dinov2-tiny": TeacherSpec("vit_small_patch14_dinov2", 64, pretrained_tag=None,
+                               kwargs=dict(embed_dim=64, depth=2, num_heads=2)),
+    "dinov2-tiny-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 64, 4,
+                                   pretrained_tag=None,
+                                   kwargs=dict(embed_dim=64, depth=2, num_heads=2)),
+}
+PATCH = 14
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights cannot be loaded; the message says how to provide them."""
+
+
+def token_grid(resolution: int) -> int:
+    """Teacher tokens per side: one per 16 px, as SiT/2 has one token per 2x2 latent."""
+    if resolution % 16:
+        raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
+    return resolution // 16
+
+
+def teacher_input_size(resolution: int) -> int:
+    return token_grid(resolution) * PATCH
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes): the
+    identity of the weights whatever file or hub revision they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _drop_decoder(vae: torch.nn.Module) -> torch.nn.Module:
+    # only the encoder half is used here; the decoder is half the weights
+    vae.decoder = None
+    vae.post_quant_conv = None
+    return vae.eval().requires_grad_(False)
+
+
+def build_vae(vae: str = DEFAULT_VAE, *, random_weights: bool = False,
+              seed: int = 0) -> torch.nn.Module:
+    """A diffusers AutoencoderKL (encoder only). `vae` is a hub id or a local directory
+    (a VAE directory or a pipeline directory with vae/); "tiny" is a small random VAE."""
+    from diffusers import AutoencoderKL
+    if random_weights or vae == "tiny":
+        if vae != "tiny" and not random_weights:
+            raise WeightsError("--vae tiny exists only with --random-weights")
+        with _seeded(seed):
+            return _drop_decoder(AutoencoderKL(**VAES["tiny" if vae == "tiny" else "sd-vae"]))
+    path = Path(vae)
+    kwargs = {"subfolder": "vae"} if (path / "vae" / "config.json").is_file() else {}
+    if path.exists() and not kwargs and not (path / "config.json").is_file():
+        raise WeightsError(f"--vae {vae}: no config.json (a diffusers AutoencoderKL "
+                           "directory, or a pipeline directory with vae/, is expected)")
+    try:
+        with warnings.catch_warnings():  # diffusers passes a deprecated hub argument
+            warnings.simplefilter("ignore", UserWarning)
+            return _drop_decoder(AutoencoderKL.from_pretrained(vae, **kwargs))
+    except Exception as e:  # hub/network/file errors come in many types; all mean the same
+        raise WeightsError(
+            f"cannot load the VAE {vae!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Download it where there is network (`hf download {vae}`; point HF_HOME at the "
+            "shared cache), or pass --vae /local/dir, or --random-weights for a smoke "
+            "test") from e
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "teacher" in sd:   # a DINOv2 training checkpoint
+        sd = {k.removeprefix("backbone."): v for k, v in sd["teacher"].items()
+              if k.startswith("backbone.")}
+    for wrapper in ("model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: not a state dict (found {type(sd).__name__})")
+    return sd
+
+
+def load_teacher_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load official DINOv2 `.pth` checkpoints (dinov2_vitb14_pretrain.pth and the reg4
+    ones) or timm-format weights (.pth/.safetensors) into a timm model: timm's filter
+    converts the official keys (register tokens, SwiGLU w12/w3) and resamples the
+    positional embedding to the model's grid."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--teacher-weights {path}: no such file")
+    hint = "is it the right size (s/b/l/g) and variant (with/without registers)?"
+    try:
+        sd = _read_state_dict(path)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise WeightsError(f"--teacher-weights {path}: unreadable checkpoint ({e})") from e
+    try:
+        sd = checkpoint_filter_fn(sd, model)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise WeightsError(f"--teacher-weights {path} does not fit this teacher ({e}); "
+                           f"{hint}") from e
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected or wrong:
+        raise WeightsError(f"--teacher-weights {path} does not fit this teacher: missing "
+                           f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shapes "
+                           f"{wrong[:4]}; {hint}")
+    model.load_state_dict(sd)
+
+
+def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
+                  weights: str | Path | None = None, random_weights: bool = False,
+                  seed: int = 0) -> torch.nn.Module:
+    """A frozen timm DINOv2 at input (R/16)*14 px, head removed, pos-embed on the grid."""
+    import timm
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose from {sorted(TEACHERS)}")
+    spec = TEACHERS[name]
+    kw = dict(img_size=teacher_input_size(resolution), num_classes=0, **spec.kwargs)
+    if spec.pretrained_tag is None and not random_weights and weights is None:
+        raise WeightsError(f"teacher {name} has no published weights: use it only with "
+                           "--random-weights or --teacher-weights")
+    if random_weights or weights is not None:
+        with _seeded(seed + 1):
+            model = timm.create_model(spec.arch, pretrained=False, **kw)
+        if weights is not None and not random_weights:
+            load_teacher_weights(model, weights)
+    else:
+        hub = f"{spec.arch}.{spec.pretrained_tag}"
+        try:
+            model = timm.create_model(hub, pretrained=True, **kw)
+        except Exception as e:  # hub/network errors come in many types; all mean the same
+            raise WeightsError(
+                f"cannot load teacher {name} ({hub}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). Download it where there is "
+                f"network (`hf download timm/{hub}`; point HF_HOME at the shared cache), or "
+                "pass --teacher-weights PATH (official dinov2_*_pretrain.pth or timm "
+                "weights), or --random-weights for a smoke test") from e
+    return model.eval().requires_grad_(False)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Encoder:
+    """VAE + teacher on one device; `encode` maps uint8 images to the cache's fields.
+
+    Work is split into fixed mini-batches of `batch_size` in input order, so a sample's
+    result depends only on its own batch, which a shard fixes (CPU runs are bitwise
+    reproducible whatever the number of workers)."""
+
+    def __init__(self, vae: torch.nn.Module, teacher: torch.nn.Module, *, resolution: int,
+                 device: str | torch.device = "cpu", precision: str = "fp32",
+                 batch_size: int = 64, token_dtype: str = "float16", compile: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.resolution = resolution
+        self.teacher_size = teacher_input_size(resolution)
+        self.batch_size = batch_size
+        self.amp_dtype = PRECISIONS[precision]
+        self.token_dtype = np.dtype(token_dtype)
+        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.vae = vae.to(self.device, memory_format=fmt)
+        self.teacher = teacher.to(self.device)
+        self.prefix = int(getattr(teacher, "num_prefix_tokens", 1))
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self._vae_encoder, self._teacher_fwd = self.vae.encoder, self.teacher.forward_features
+        if compile:
+            self._vae_encoder = torch.compile(self._vae_encoder)
+            self._teacher_fwd = torch.compile(self._teacher_fwd)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.inference_mode()
+    def _encode_batch(self, x8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        x = x8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # [B,3,R,R]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            h = self._vae_encoder(x / 127.5 - 1.0)                       # [B, 2C, R/8, R/8]
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h.float())
+        post = DiagonalGaussianDistribution(h.float())
+        moments = torch.cat([post.mean, post.std], dim=1)                # [B, 2C, R/8, R/8]
+        t = (x / 255.0 - self.mean) / self.std
+        t = F.interpolate(t, size=(self.teacher_size,) * 2, mode="bicubic",
+                          align_corners=False, antialias=False)         # [B, 3, 224, 224]
+        with self._autocast():
+            feats = self._teacher_fwd(t.contiguous())                    # [B, 1+reg+T, D]
+        feats = feats.float()
+        return moments, feats[:, self.prefix:], feats[:, 0]             # [B,T,D], [B,D]
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [n, R, R, 3] -> moments float32 [n, 2C, R/8, R/8], tokens [n, T, D]
+        (float16, or float32 when they will be quantized), cls float32 [n, D]."""
+        n = len(images)
+        if images.dtype != np.uint8 or images.shape[1:] != (self.resolution,) * 2 + (3,):
+            raise ValueError(f"expected uint8 [n, {self.resolution}, {self.resolution}, 3], "
+                             f"got {images.dtype} {images.shape}")
+        src = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            src = src.pin_memory()
+        out: dict[str, np.ndarray] = {}
+        for lo in range(0, n, self.batch_size):
+            parts = self._encode_batch(src[lo:lo + self.batch_size])
+            for name, t in zip(("moments", "tokens", "cls"), parts):
+                a = t.to(torch.float16 if name == "tokens" and self.token_dtype == np.float16
+                         else torch.float32).cpu().numpy()
+                if name not in out:
+                    out[name] = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+                out[name][lo:lo + len(a)] = a
+        return out
+
+    def encode_shard(self, images: np.ndarray, failed: set[int]) -> dict[str, np.ndarray]:
+        """uint8 [n, V, R, R, 3] with `failed` rows skipped -> moments [n, V, ...],
+        tokens [n, V, T, D], cls [n, V, D]; failed rows are zero."""
+        n, v = images.shape[:2]
+        ok = np.array([i not in failed for i in range(n)], dtype=bool)
+        flat = images[ok].reshape(-1, *images.shape[2:])   # sample-major: s0v0, s0v1, s1v0
+        enc = self.encode(flat) if len(flat) else None
+        out = {}
+        for name in ("moments", "tokens", "cls"):
+            if enc is None:  # every sample of the shard failed: shapes from a probe
+                enc = self.encode(np.zeros((1, *images.shape[2:]), np.uint8))
+                enc = {k: a[:0] for k, a in enc.items()}
+            a = enc[name].reshape(-1, v, *enc[name].shape[1:])
+            full = np.zeros((n, v, *a.shape[2:]), dtype=a.dtype)
+            full[ok] = a
+            out[name] = full
+        return out

@@ -1,0 +1,67 @@
+"""Decode + ADM centre crop: exact recipe, every odd input either decoded or explained."""
+
+import io
+
+import numpy as np
+import pytest
+from conftest import write_bad_folder
+from PIL import Image
+
+from pipeline.preprocess import DecodeError, center_crop_arr, decode_items, load_rgb
+from pipeline.sources import Item, list_source
+
+
+def test_adm_crop_recipe():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 520, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    # 300x520 -> BOX halvings while short side >= 128: 150x260 -> 75x130 (stops: 75 < 128);
+    # then BICUBIC to short side 64: 64 x round(130 * 64/75) = 111; crop at (111-64)//2 = 23
+    ref = img.resize((260, 150), Image.Resampling.BOX).resize((130, 75), Image.Resampling.BOX)
+    ref = np.asarray(ref.resize((111, 64), Image.Resampling.BICUBIC))[:, 23:23 + 64]
+    np.testing.assert_array_equal(out, ref)
+    # a small image is upscaled, never padded
+    assert center_crop_arr(Image.new("RGB", (3, 2), (9, 8, 7)), 32).shape == (32, 32, 3)
+
+
+def test_bad_inputs_each_decoded_or_explained(tmp_path):
+    root, cases = write_bad_folder(tmp_path / "bad")
+    src = list_source("imagefolder", root)
+    assert len(src.items) == len(cases)
+    images, failures = decode_items(src.items, 32, views=2)
+    assert images.shape == (len(cases), 2, 32, 32, 3)
+    for i, it in enumerate(src.items):
+        name = it.key.split("/")[-1]
+        data, reason = cases[name]
+        if reason is None:
+            assert i not in failures, (name, failures.get(i))
+            want = center_crop_arr(load_rgb(data), 32)
+            np.testing.assert_array_equal(images[i, 0], want)
+            np.testing.assert_array_equal(images[i, 1], want[:, ::-1])
+        else:
+            assert reason in failures[i], (name, failures[i])
+            assert not images[i].any()
+
+
+def test_modes_convert_like_pil():
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for mode in ("L", "RGBA", "CMYK", "P", "LA"):
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, "PNG" if mode != "CMYK" else "TIFF")
+        got = load_rgb(buf.getvalue())
+        assert got.mode == "RGB" and got.size == (30, 20)
+        np.testing.assert_array_equal(np.asarray(got),
+                                      np.asarray(Image.open(buf).convert("RGB")))
+    # 16-bit grayscale keeps its range (PIL's own convert would saturate to white)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(buf, "PNG")
+    assert abs(int(np.asarray(load_rgb(buf.getvalue()))[0, 0, 0]) - 128) <= 1
+
+
+def test_listing_time_errors_pass_through():
+    with pytest.raises(DecodeError, match="empty"):
+        load_rgb(b"")
+    _, failures = decode_items([Item("t/x", -1, "/t.tar", 0, 0, "no image member")], 16)
+    assert failures == {0: "no image member"}
