@@ -1,0 +1,198 @@
+"""`pipeline encode` end to end on real (local) Ray, real JPEG folders and real models."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import write_bad_folder, write_jpeg_folder
+
+from cache import CacheMismatchError, open_cache
+from cache.format import read_done_marker, read_manifest
+from pipeline import cli
+from pipeline.encoders import Encoder, build_teacher, build_vae
+from pipeline.job import EncodeConfig, TooManyFailures, run_encode
+from pipeline.preprocess import decode_items
+from pipeline.sources import list_source
+
+TINY = dict(dataset="imagefolder", resolution=64, vae="tiny", teacher="dinov2-tiny",
+            random_weights=True, shard_size=4, batch_size=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    # 4 logical CPUs on a 2-core machine: two CPU encoders plus decode and write tasks
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("img") / "data", classes=3, per_class=5)
+
+
+def _cfg(out, data, **kw):
+    return EncodeConfig(out=str(out), data_dir=str(data), **{**TINY, **kw})
+
+
+def _reference(data, views=1, resolution=64):
+    """The expected fields, computed without Ray: decode, then the same encoders."""
+    src = list_source("imagefolder", data)
+    imgs, failures = decode_items(src.items, resolution, views)
+    enc = Encoder(build_vae("tiny", random_weights=True),
+                  build_teacher("dinov2-tiny", resolution=resolution, random_weights=True),
+                  resolution=resolution, batch_size=3).encode_shard(imgs, set(failures))
+    return src, enc
+
+
+def _file_hashes(root):
+    m = read_manifest(root)
+    return {b: [s["files"] for s in table] for b, table in m["shards"].items()}
+
+
+def test_encode_end_to_end_resume_and_refusal(ray_local, images, tmp_path):
+    out = tmp_path / "cache"
+    summary = run_encode(_cfg(out, images, format="both", token_dtype="int8"), log=lambda s: None)
+    assert summary["images"] == 15 and summary["shards_encoded"] == 4
+    src, ref = _reference(images)
+    for backend in ("zarr", "wds"):
+        ds = open_cache(out, backend=backend)
+        assert ds.verify().ok and len(ds) == 15
+        assert ds.keys(range(15)) == [it.key for it in src.items]
+        for i in range(15):
+            s = ds[i]
+            assert s["label"] == src.items[i].label
+            np.testing.assert_allclose(s["moments"], ref["moments"][i], rtol=2e-3, atol=2e-3)
+            cos = (s["tokens"].astype(np.float32) * ref["tokens"][i]).sum(-1) / (
+                np.linalg.norm(s["tokens"], axis=-1) * np.linalg.norm(ref["tokens"][i], axis=-1))
+            assert cos.min() > 0.999   # int8 tokens
+            np.testing.assert_allclose(s["cls"], ref["cls"][i], rtol=2e-3, atol=2e-3)
+    m = read_manifest(out)
+    prov = m["provenance"]
+    assert m["status"] == "complete" and prov["random_weights"] is True
+    assert prov["source"]["sha256"] == src.sha256() and prov["source"]["num_classes"] == 3
+    assert prov["teacher"]["input_size"] == 56 and len(prov["teacher"]["weights_sha256"]) == 64
+    assert len(m["latent"]["channel_stats"]["mean"]) == 4
+    # the same command again: nothing to do, nothing rewritten
+    before = _file_hashes(out)
+    again = run_encode(_cfg(out, images, format="both", token_dtype="int8"), log=lambda s: None)
+    assert again["shards_encoded"] == 0 and _file_hashes(out) == before
+    # parameters that change the content are refused, naming what differs
+    with pytest.raises(CacheMismatchError, match="latent_size"):
+        run_encode(_cfg(out, images, format="both", token_dtype="int8", resolution=128))
+    with pytest.raises(CacheMismatchError, match="teacher"):
+        run_encode(_cfg(out, images, format="both", token_dtype="int8", seed=1))
+
+
+def test_two_views_encode_the_flipped_image(ray_local, images, tmp_path):
+    run_encode(_cfg(tmp_path / "c", images, views=2, limit=6), log=lambda s: None)
+    ds = open_cache(tmp_path / "c")
+    src = list_source("imagefolder", images, limit=6)
+    imgs, _ = decode_items(src.items, 64, 1)
+    flipped = np.ascontiguousarray(imgs[:, 0, :, ::-1])
+    enc = Encoder(build_vae("tiny", random_weights=True),
+                  build_teacher("dinov2-tiny", resolution=64, random_weights=True),
+                  resolution=64).encode(flipped)
+    both = ds.gather(range(6), ("moments", "tokens"))
+    assert both["moments"].shape == (6, 2, 8, 8, 8)
+    np.testing.assert_allclose(both["moments"][:, 1], enc["moments"], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(both["tokens"][:, 1], enc["tokens"], rtol=2e-3, atol=2e-3)
+    # the flip is encoded for real: its latent is not the mirrored latent of view 0
+    assert not np.allclose(both["moments"][:, 1], both["moments"][:, 0, ..., ::-1], atol=1e-2)
+
+
+def test_bad_inputs_listed_and_budget_enforced(ray_local, tmp_path, capsys):
+    root, cases = write_bad_folder(tmp_path / "bad")
+    args = ["encode", "--dataset", "imagefolder", "--data-dir", str(root), "--resolution",
+            "64", "--vae", "tiny", "--teacher", "dinov2-tiny", "--random-weights",
+            "--shard-size", "4", "--no-progress", "--format", "both"]
+    # default budget (0.1% of 15 images = 0): non-zero exit that says why; done shards kept
+    assert cli.main(args + ["--out", str(tmp_path / "c")]) == 3
+    err = capsys.readouterr().err
+    assert "--max-failures" in err and "failed to decode" in err
+    assert read_manifest(tmp_path / "c")["status"] == "incomplete"
+    # accepting them: the rerun resumes and finalizes
+    assert cli.main(args + ["--out", str(tmp_path / "c"), "--max-failures", "10"]) == 0
+    m = read_manifest(tmp_path / "c")
+    bad = {f["key"].split("/")[-1]: f["reason"] for f in m["failures"]}
+    want_bad = {n: r for n, (_, r) in cases.items() if r is not None}
+    assert set(bad) == set(want_bad)
+    assert all(want_bad[n] in bad[n] for n in bad)
+    ds = open_cache(tmp_path / "c")
+    assert ds.num_valid == len(cases) - len(want_bad) and ds.verify().ok
+    assert open_cache(tmp_path / "c", backend="wds").num_valid == ds.num_valid
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["encode", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "x"),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    write_jpeg_folder(tmp_path / "d", classes=1, per_class=1)
+    assert cli.main(["encode", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "d"),
+                     "--out", str(tmp_path / "o")]) == 2   # offline, no weights
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the VAE") and "--random-weights" in err
+    (tmp_path / "notcache").mkdir()
+    (tmp_path / "notcache" / "x.txt").write_text("x")
+    assert cli.main(["encode", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "d"),
+                     "--out", str(tmp_path / "notcache")]) == 2
+    assert "is not a cache" in capsys.readouterr().err
+
+
+def test_same_bytes_whatever_the_number_of_encoders(ray_local, images, tmp_path):
+    run_encode(_cfg(tmp_path / "one", images, cpu_encoders=1), log=lambda s: None)
+    run_encode(_cfg(tmp_path / "two", images, cpu_encoders=2), log=lambda s: None)
+    assert _file_hashes(tmp_path / "one") == _file_hashes(tmp_path / "two")
+
+
+def test_killed_job_reruns_to_the_same_cache(ray_local, tmp_path):
+    data = write_jpeg_folder(tmp_path / "data", classes=4, per_class=20)
+    run_encode(_cfg(tmp_path / "ref", data, shard_size=2), log=lambda s: None)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--dataset", "imagefolder",
+           "--data-dir", str(data), "--out", str(out), "--resolution", "64", "--vae", "tiny",
+           "--teacher", "dinov2-tiny", "--random-weights", "--shard-size", "2",
+           "--batch-size", "3", "--num-cpus", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "_done").exists() and any((out / "_done").rglob("*.json")):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)   # the driver, its embedded Ray and every worker
+    proc.wait()
+    done = [k for k in range(40) if read_done_marker(out, "zarr", k)]
+    assert 0 < len(done) < 40, f"kill landed outside the job ({len(done)} shards done)"
+    assert read_manifest(out)["status"] == "incomplete"
+    summary = run_encode(_cfg(out, data, shard_size=2), log=lambda s: None)
+    assert summary["shards_encoded"] == 40 - len(done)
+    assert _file_hashes(out) == _file_hashes(tmp_path / "ref")
+    assert open_cache(out).verify().ok
+
+
+def test_true_architectures_shapes_and_dtypes(ray_local, images, tmp_path):
+    """SD-VAE (ft-mse config) and DINOv2-B/14 at their real sizes, random weights, 2 images."""
+    cfg = _cfg(tmp_path / "real", images, vae="stabilityai/sd-vae-ft-mse", teacher="dinov2-b",
+               resolution=256, limit=2, shard_size=2, batch_size=2, encoder_threads=2,
+               format="both")
+    run_encode(cfg, log=lambda s: None)
+    m = read_manifest(tmp_path / "real")
+    assert m["provenance"]["vae"]["id"] == "random-init stabilityai/sd-vae-ft-mse"
+    fields = {k: (tuple(f["shape"]), f["dtype"]) for k, f in m["fields"].items()}
+    assert fields["moments"] == ((1, 8, 32, 32), "float16")
+    assert fields["tokens"] == ((1, 256, 768), "float16")
+    assert fields["cls"] == ((1, 768), "float16")
+    assert fields["label"] == ((), "int64")
+    for backend in ("zarr", "wds"):
+        s = open_cache(tmp_path / "real", backend=backend)[1]
+        assert s["moments"].shape == (1, 8, 32, 32) and s["moments"].dtype == np.float16
+        assert s["tokens"].shape == (1, 256, 768) and s["tokens"].dtype == np.float16
+        assert s["cls"].shape == (1, 768) and s["label"] == 1
+        assert (s["moments"][:, 4:] > 0).all()        # a posterior std, not a sample
