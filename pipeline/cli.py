@@ -100,7 +100,7 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--token-dtype", default="fp16", choices=("fp16", "int8"))
     a("--moments-dtype", default="fp16", choices=("fp16", "fp32"))
     a("--shard-size", type=int, default=1024, help="images per shard (unit of work)")
-    a("--batch-size", type=int, default=256, help="images per encoder forward pass")
+    a("--batch-size", type=int, help="images per encoder pass (default 256 on GPU, 8 on CPU)")
     a("--num-gpus", type=int, help="GPU encoders (default: every GPU Ray sees; 0: CPU)")
     a("--cpu-encoders", type=int, default=1, help="encoder actors when there is no GPU")
     a("--encoder-threads", type=int, default=1, help="torch threads per CPU encoder")

@@ -1,40 +1,60 @@
 """`make demo`: the embedded default, end to end on this machine.
 
-Today the demo exercises the cache, the contract between the two halves: it writes a
-synthetic cache with real 256 px shapes (SD-VAE moments [1, 8, 32, 32], DINOv2-B tokens
-[1, 256, 768], CLS [1, 768]) in both formats, inspects and verifies it, and streams one
-epoch through the training loader. `pipeline encode` (issue 3), `train run` (issue 4)
-and sampling (issue 5) join it as they land.
+Today the demo runs the first half of the product and the contract between the halves:
+it generates the demo image set, runs `pipeline encode` on embedded Ray (real SD-VAE and
+DINOv2-B weights when they are in the local Hugging Face cache, otherwise small random-init
+models of the same structure, and it says which), inspects and verifies the cache, and
+streams one epoch through the training loader. `train run` (issue 4) and sampling
+(issue 5) join it as they land.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
-from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache
-from cache.synthetic import write_synthetic_cache
+from cache import CacheLoader, LoaderConfig, open_cache
 
 from . import cli
+
+
+def _real_weights_available() -> bool:
+    """Both models' files already on this machine (nothing is downloaded by the demo)."""
+    from huggingface_hub import try_to_load_from_cache
+    return all(isinstance(try_to_load_from_cache(repo, name), str) for repo, name in (
+        ("stabilityai/sd-vae-ft-mse", "config.json"),
+        ("timm/vit_base_patch14_dinov2.lvd142m", "model.safetensors")))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--random", action="store_true",
+                   help="small random-init models even when real weights are present")
     args = p.parse_args(argv)
     cache = args.out / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
-
-    spec = CacheSpec(num_samples=args.samples, shard_size=128, chunk_size=8,
-                     backends=("zarr", "wds"), token_dtype="float16")
-    print(f"[1/4] writing a synthetic cache: {args.samples} samples x "
-          f"{spec.bytes_per_sample / 1024:.0f} KiB, {spec.num_shards} shards, zarr + wds")
+    real = not args.random and _real_weights_available()
+    encode = ["encode", "--dataset", "demo", "--data-dir", str(args.out / "images"),
+              "--out", str(cache), "--format", "both", "--shard-size", "64",
+              "--max-failures", "0",
+              "--encoder-threads", str(max(1, (os.cpu_count() or 2) - 1))]
+    if real:
+        # ~1 image/s on 2 CPU cores at the real sizes: 64 images, one per 5 of the set
+        print("[1/4] pipeline encode: real SD-VAE (ft-mse) and DINOv2-B weights found in "
+              "the local Hugging Face cache; 64 images at 256 px")
+        encode += ["--resolution", "256", "--limit", "64"]
+    else:
+        print("[1/4] pipeline encode with RANDOM-INIT small models (--vae tiny --teacher "
+              "dinov2-tiny --random-weights): the demo runs the real pipeline, not real "
+              "features. Real runs: see README, 'Encoding ImageNet'.")
+        encode += ["--resolution", "128", "--vae", "tiny", "--teacher", "dinov2-tiny",
+                   "--random-weights"]
     t = time.perf_counter()
-    write_synthetic_cache(cache, spec, failures={7: "demo: a corrupt input"})
+    if cli.main(encode) != 0:
+        return 1
     print(f"      {time.perf_counter() - t:.1f} s -> {cache}")
 
     print("[2/4] pipeline inspect")
@@ -44,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print("[4/4] one epoch through the training loader (batch 64, moments + tokens + label)")
-    for backend in spec.backends:
+    for backend in ("zarr", "wds"):
         loader = CacheLoader(open_cache(cache, backend=backend),
                              LoaderConfig(batch_size=64, shuffle_buffer=256, backend=backend))
         t, n = time.perf_counter(), 0
@@ -52,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             n += len(batch["label"])
         dt = time.perf_counter() - t
         shapes = {k: tuple(v.shape) for k, v in batch.items()}
-        print(f"      {backend:4s}: {len(loader)} batches, {n / dt:,.0f} samples/s; last batch {shapes}")
-    print(f"\ndone. The cache is in {cache}; `pipeline stats {cache}` summarises it.")
-    print("pipeline encode, train run and train sample join this demo with issues 3-5.")
+        print(f"      {backend:4s}: {len(loader)} batches, {n / dt:,.0f} samples/s; "
+              f"last batch {shapes}")
+    print(f"\ndone. The cache is in {cache}; `pipeline stats {cache}` summarises it; rerunning "
+          "the demo resumes it (nothing to do).")
+    print("train run and train sample join this demo with issues 4-5.")
     return 0
 
 

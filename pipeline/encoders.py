@@ -281,9 +281,7 @@ class Encoder:
         if images.dtype != np.uint8 or images.shape[1:] != (self.resolution,) * 2 + (3,):
             raise ValueError(f"expected uint8 [n, {self.resolution}, {self.resolution}, 3], "
                              f"got {images.dtype} {images.shape}")
-        src = torch.from_numpy(np.ascontiguousarray(images))
-        if self.device.type == "cuda":
-            src = src.pin_memory()
+        src = torch.from_numpy(np.ascontiguousarray(images))  # uint8: 4x less to copy
         out: dict[str, np.ndarray] = {}
         for lo in range(0, n, self.batch_size):
             parts = self._encode_batch(src[lo:lo + self.batch_size])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import shlex
@@ -61,7 +62,7 @@ class EncodeConfig:
     token_dtype: str = "fp16"
     moments_dtype: str = "fp16"
     shard_size: int = 1024
-    batch_size: int = 256
+    batch_size: int | None = None     # None: 256 on GPU, 8 on CPU (caches prefer small)
     num_gpus: int | None = None       # None: every GPU Ray sees; 0: encode on CPUs
     cpu_encoders: int = 1             # encoder actors when there is no GPU
     encoder_threads: int = 1          # torch threads per CPU encoder actor
@@ -100,7 +101,7 @@ class EncodeConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             bad("precision", f"choose one of {list(PRECISIONS)}")
         for name in ("shard_size", "batch_size", "cpu_encoders", "encoder_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         if self.num_gpus is not None and self.num_gpus < 0:
             bad("num_gpus", "must be >= 0")
@@ -239,7 +240,7 @@ class EncodeStage:
         precision = self.cfg.precision or ("bf16" if cuda else "fp32")
         self.encoder = Encoder(vae, teacher, resolution=self.cfg.resolution,
                                device="cuda" if cuda else "cpu", precision=precision,
-                               batch_size=self.cfg.batch_size,
+                               batch_size=self.cfg.batch_size or (256 if cuda else 8),
                                token_dtype="float32" if self.cfg.token_dtype == "int8"
                                else "float16", compile=self.cfg.compile)
 
@@ -277,8 +278,6 @@ def write_stage(row: dict[str, Any], *, root: str) -> dict[str, Any]:
 
 def _init_ray(cfg: EncodeConfig) -> bool:
     """Connect to --address or start embedded Ray; True if we started it (and stop it)."""
-    import logging
-
     import ray
     if ray.is_initialized():
         return False
@@ -300,6 +299,11 @@ def _stage_resources(cfg: EncodeConfig) -> dict[str, Any]:
         raise ValueError(f"--num-gpus {want}: the Ray cluster has {gpus} GPU(s)")
     if want:
         return dict(size=want, num_gpus=1, num_cpus=1)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cfg.cpu_encoders * cfg.encoder_threads >= cpus:
+        raise ValueError(f"--cpu-encoders {cfg.cpu_encoders} x --encoder-threads "
+                         f"{cfg.encoder_threads} would take all {cpus} CPUs of the Ray "
+                         "cluster and leave none for decoding; use fewer")
     return dict(size=cfg.cpu_encoders, num_gpus=0, num_cpus=cfg.encoder_threads)
 
 
@@ -311,6 +315,9 @@ def build_dataset(plan: Plan, root: str):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False   # our own bar counts images, not blocks
     ctx.print_on_execution_start = False
+    # ray.data sets its logger up on import; its INFO/WARNING lines would interleave with
+    # our bar (errors still show)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     res = _stage_resources(cfg)
     rows = [shard_row(plan.source, plan.spec, k) for k in plan.pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -319,7 +326,7 @@ def build_dataset(plan: Plan, root: str):
     # scales over every core of the cluster independently of the GPUs
     shard_bytes = cfg.shard_size * cfg.views * cfg.resolution ** 2 * 3
     ds = ds.map(decode_stage, fn_kwargs=dict(resolution=cfg.resolution, views=cfg.views),
-                num_cpus=1, memory=2 * shard_bytes + (64 << 20))
+                num_cpus=1, memory=2 * shard_bytes + (512 << 20))  # + the worker itself
     ds = ds.map_batches(EncodeStage, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs=dict(cfg=asdict(cfg), hashes=plan.hashes),
                         compute=ActorPoolStrategy(size=res["size"],
@@ -375,6 +382,7 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
     summary = {"images": stats["images"], "failed": len(failures),
                "bytes_written": stats["bytes"], "seconds": round(elapsed, 2),
                "images_per_second": round(stats["images"] / elapsed, 2) if elapsed else None,
+               "steady_images_per_second": round(stats.get("steady_images_per_second", 0), 2),
                "shards_encoded": len(plan.pending), "shards_total": plan.spec.num_shards}
     m = finalize_cache(root, {"summary": summary})
     total = sum(f["bytes"] for t in m["shards"].values() for s in t for f in s["files"].values())
@@ -398,6 +406,8 @@ def _run_pipeline(plan: Plan, root: Path, failures: list[dict], budget: int, log
     started = _init_ray(plan.cfg)
     todo = sum(np.subtract(*plan.spec.shard_range(k)[::-1]) for k in plan.pending)
     stats = {"images": 0, "failed": 0, "bytes": 0, "encode_seconds": 0.0}
+    t0 = time.perf_counter()
+    first: tuple[float, int] | None = None   # (time, images) when the first shard landed
     bar = tqdm(total=int(todo), unit="img", disable=not plan.cfg.progress, smoothing=0.1,
                dynamic_ncols=True, desc="encode")
     try:
@@ -405,6 +415,8 @@ def _run_pipeline(plan: Plan, root: Path, failures: list[dict], budget: int, log
             for k in ("images", "failed", "bytes", "encode_seconds"):
                 stats[k] += row[k]
             failures += json.loads(row["failures"])
+            if first is None:
+                first = (time.perf_counter(), stats["images"])
             bar.update(int(row["images"]))
             bar.set_postfix(failed=len(failures), GB=f"{stats['bytes'] / 1e9:.2f}")
             if len(failures) > budget:
@@ -414,4 +426,9 @@ def _run_pipeline(plan: Plan, root: Path, failures: list[dict], budget: int, log
         bar.close()
         if started:
             ray.shutdown()
+    # throughput after the first shard: excludes Ray start-up and model loading
+    if first is not None and stats["images"] > first[1]:
+        last = time.perf_counter()
+        stats["steady_images_per_second"] = (stats["images"] - first[1]) / (last - first[0])
+        stats["startup_seconds"] = first[0] - t0
     return stats

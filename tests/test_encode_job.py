@@ -14,7 +14,7 @@ from cache import CacheMismatchError, open_cache
 from cache.format import read_done_marker, read_manifest
 from pipeline import cli
 from pipeline.encoders import Encoder, build_teacher, build_vae
-from pipeline.job import EncodeConfig, TooManyFailures, run_encode
+from pipeline.job import EncodeConfig, run_encode
 from pipeline.preprocess import decode_items
 from pipeline.sources import list_source
 
