@@ -82,7 +82,8 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, TEACHERS
     from .sources import SOURCES
     a = enc.add_argument
-    a("--dataset", default="imagenet", choices=sorted(SOURCES))
+    # names are checked by EncodeConfig (one-line errors), not by argparse's usage dump
+    a("--dataset", default="imagenet", help=f"one of {', '.join(sorted(SOURCES))}")
     a("--data-dir", help="image root (imagenet: the folder holding train/ and val/); "
                          "demo: where to generate the demo images")
     a("--out", required=True, help="cache directory (created, or resumed if it exists)")
@@ -92,7 +93,7 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--views", type=int, default=1, choices=(1, 2),
       help="2 also encodes the horizontally flipped image")
     a("--vae", default=DEFAULT_VAE, help="diffusers hub id or local dir ('tiny': test VAE)")
-    a("--teacher", default=DEFAULT_TEACHER, choices=sorted(TEACHERS))
+    a("--teacher", default=DEFAULT_TEACHER, help=f"one of {', '.join(sorted(TEACHERS))}")
     a("--teacher-weights", help="official dinov2_*_pretrain.pth or timm weights file "
                                 "(default: timm's hub weights)")
     a("--random-weights", action="store_true",

@@ -138,6 +138,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                      "--out", str(tmp_path / "o")]) == 2   # offline, no weights
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load the VAE") and "--random-weights" in err
+    assert cli.main(["encode", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "d"),
+                     "--out", str(tmp_path / "o"), "--teacher", "dinov2-xl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--teacher 'dinov2-xl': choose one of" in err
     (tmp_path / "notcache").mkdir()
     (tmp_path / "notcache" / "x.txt").write_text("x")
     assert cli.main(["encode", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "d"),
