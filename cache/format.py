@@ -264,12 +264,12 @@ def read_done_marker(root: str | os.PathLike, backend: str, shard: int) -> dict 
         return None
 
 
-def latent_channel_stats(sums: np.ndarray) -> dict[str, Any]:
+def latent_channel_stats(sums: np.ndarray, scale: float = LATENT_SCALE) -> dict[str, Any]:
     """Channel statistics of the latent z = mean + std * eps from accumulated sums.
 
     `sums` is [4, C] float64: count, sum(mean), sum(mean^2), sum(std^2) per channel over
     samples, views and positions. E[z] = E[mean]; Var[z] = Var[mean] + E[std^2].
-    Reported in raw VAE units and after the 0.18215 scale.
+    Reported in raw VAE units and after the latent scale (0.18215 for SD-VAE).
     """
     count, s1, s2, v = sums
     count = np.maximum(count, 1)
@@ -280,6 +280,6 @@ def latent_channel_stats(sums: np.ndarray) -> dict[str, Any]:
         "count_per_channel": int(sums[0][0]),
         "mean": [round(float(x), 6) for x in mean],
         "std": [round(float(x), 6) for x in std],
-        "scaled_mean": [round(float(x) * LATENT_SCALE, 6) for x in mean],
-        "scaled_std": [round(float(x) * LATENT_SCALE, 6) for x in std],
+        "scaled_mean": [round(float(x) * scale, 6) for x in mean],
+        "scaled_std": [round(float(x) * scale, 6) for x in std],
     }

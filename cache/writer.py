@@ -66,10 +66,14 @@ def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
 
 
 def create_cache(root: str | Path, spec: CacheSpec,
-                 provenance: Mapping[str, Any] | None = None) -> CacheWriter:
+                 provenance: Mapping[str, Any] | None = None, *,
+                 latent_scale: float = LATENT_SCALE) -> CacheWriter:
     """Create a cache (manifest with status "incomplete" and all array metadata), or
     reopen an existing one for resuming. Reopening with a different spec or provenance
-    raises CacheMismatchError naming every differing key with both values."""
+    raises CacheMismatchError naming every differing key with both values.
+
+    `latent_scale` is the VAE's scaling factor that training multiplies latents by
+    (0.18215 for SD-VAE; another VAE brings its own, e.g. 0.13025 for SDXL's)."""
     root = Path(root)
     provenance = dict(provenance or {})
     if manifest_path(root).exists():
@@ -90,7 +94,7 @@ def create_cache(root: str | Path, spec: CacheSpec,
             "status": "incomplete",
             "spec": spec.to_json(),
             "fields": {name: f.to_json() for name, f in spec.fields.items()},
-            "latent": {"scale": LATENT_SCALE, "shift": 0.0, "stored": "posterior mean, std",
+            "latent": {"scale": latent_scale, "shift": 0.0, "stored": "posterior mean, std",
                        "channels": spec.latent_channels,
                        "layout": f"moments[:, :, :{spec.latent_channels}] = mean, "
                                  f"moments[:, :, {spec.latent_channels}:] = std"},
@@ -244,7 +248,7 @@ def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None
     m["num_samples"] = spec.num_samples
     m["num_valid"] = spec.num_samples - len(failures)
     m["failures"] = failures
-    m["latent"]["channel_stats"] = latent_channel_stats(sums)
+    m["latent"]["channel_stats"] = latent_channel_stats(sums, m["latent"]["scale"])
     m["shards"] = shards
     m["finalized"] = _now()
     if provenance_update:

@@ -7,7 +7,6 @@ deterministic (seeded per image), so two machines produce the same files byte fo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +89,16 @@ def write_demo_images(root: str | Path, per_class: int = 32, num_classes: int = 
 
 
 def ensure_demo_images(root: str | Path, per_class: int = 32, num_classes: int = 10) -> Path:
-    """Generate the demo set in `root` unless a finished one is already there."""
+    """Generate the demo set in `root` unless a finished one is already there. Nothing is
+    ever deleted: an interrupted generation is simply written over (same bytes), and a
+    directory holding anything else is refused."""
     root = Path(root)
     if not (root / _DONE).exists():
-        if root.exists() and any(root.iterdir()):
-            if not any(p.name[:2].isdigit() for p in root.iterdir()):
-                raise SourceError(f"{root} holds other files; give the demo an empty "
-                                      "--data-dir")
-            shutil.rmtree(root)  # a half-written demo set from an interrupted run
+        ours = {f"{label:02d}_{DEMO_CLASSES[label % len(DEMO_CLASSES)]}"
+                for label in range(num_classes)}
+        other = [p.name for p in root.iterdir() if p.name not in ours] if root.exists() else []
+        if other:
+            raise SourceError(f"--data-dir {root} holds other files ({other[:3]}); give the "
+                              "demo a new or empty directory")
         write_demo_images(root, per_class, num_classes)
     return root

@@ -93,7 +93,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -102,6 +102,10 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
 
 
 def _drop_decoder(vae: torch.nn.Module) -> torch.nn.Module:
@@ -132,7 +136,7 @@ def build_vae(vae: str = DEFAULT_VAE, *, random_weights: bool = False,
             return _drop_decoder(AutoencoderKL.from_pretrained(vae, **kwargs))
     except Exception as e:  # hub/network/file errors come in many types; all mean the same
         raise WeightsError(
-            f"cannot load the VAE {vae!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"cannot load the VAE {vae!r} ({type(e).__name__}: {_first_line(e)}). "
             f"Download it where there is network (`hf download {vae}`; point HF_HOME at the "
             "shared cache), or pass --vae /local/dir, or --random-weights for a smoke "
             "test") from e
@@ -209,8 +213,8 @@ def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
             model = timm.create_model(hub, pretrained=True, **kw)
         except Exception as e:  # hub/network errors come in many types; all mean the same
             raise WeightsError(
-                f"cannot load teacher {name} ({hub}: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). Download it where there is "
+                f"cannot load teacher {name} ({hub}: {type(e).__name__}: {_first_line(e)}). "
+                f"Download it where there is "
                 f"network (`hf download timm/{hub}`; point HF_HOME at the shared cache), or "
                 "pass --teacher-weights PATH (official dinov2_*_pretrain.pth or timm "
                 "weights), or --random-weights for a smoke test") from e
@@ -229,7 +233,7 @@ class Encoder:
 
     def __init__(self, vae: torch.nn.Module, teacher: torch.nn.Module, *, resolution: int,
                  device: str | torch.device = "cpu", precision: str = "fp32",
-                 batch_size: int = 64, token_dtype: str = "float16", compile: bool = False):
+                 batch_size: int = 64, compile: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
@@ -237,7 +241,6 @@ class Encoder:
         self.teacher_size = teacher_input_size(resolution)
         self.batch_size = batch_size
         self.amp_dtype = PRECISIONS[precision]
-        self.token_dtype = np.dtype(token_dtype)
         fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.vae = vae.to(self.device, memory_format=fmt)
         self.teacher = teacher.to(self.device)
@@ -275,8 +278,8 @@ class Encoder:
         return moments, feats[:, self.prefix:], feats[:, 0]             # [B,T,D], [B,D]
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [n, R, R, 3] -> moments float32 [n, 2C, R/8, R/8], tokens [n, T, D]
-        (float16, or float32 when they will be quantized), cls float32 [n, D]."""
+        """uint8 [n, R, R, 3] -> moments float32 [n, 2C, R/8, R/8], tokens float16
+        [n, T, D], cls float32 [n, D]."""
         n = len(images)
         if images.dtype != np.uint8 or images.shape[1:] != (self.resolution,) * 2 + (3,):
             raise ValueError(f"expected uint8 [n, {self.resolution}, {self.resolution}, 3], "
@@ -286,8 +289,9 @@ class Encoder:
         for lo in range(0, n, self.batch_size):
             parts = self._encode_batch(src[lo:lo + self.batch_size])
             for name, t in zip(("moments", "tokens", "cls"), parts):
-                a = t.to(torch.float16 if name == "tokens" and self.token_dtype == np.float16
-                         else torch.float32).cpu().numpy()
+                # tokens travel as fp16 (the stored dtype; int8 quantization of fp16 values
+                # moves a value by at most one int8 step, and rarely): half the bytes
+                a = t.to(torch.float16 if name == "tokens" else torch.float32).cpu().numpy()
                 if name not in out:
                     out[name] = np.empty((n, *a.shape[1:]), dtype=a.dtype)
                 out[name][lo:lo + len(a)] = a

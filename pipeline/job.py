@@ -22,20 +22,19 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cache import CacheSpec, CacheWriter, create_cache, finalize_cache
+from cache import CacheSpec, create_cache, finalize_cache
 from cache.format import read_done_marker
 
-from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, Encoder,
-                       build_teacher, build_vae, teacher_input_size, token_grid,
-                       weights_sha256)
-from .preprocess import decode_items
-from .sources import SOURCES, Item, Source, list_source
+from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, teacher_input_size,
+                       token_grid, weights_sha256)
+from .sources import SOURCES, Source, list_source
+from .stages import EncodeStage, build_models, decode_stage, shard_row, write_stage
 
 FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}
 DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
@@ -62,7 +61,7 @@ class EncodeConfig:
     token_dtype: str = "fp16"
     moments_dtype: str = "fp16"
     shard_size: int = 1024
-    batch_size: int | None = None     # None: 256 on GPU, 8 on CPU (caches prefer small)
+    batch_size: int | None = None     # None: 256 * (256/R)^2 on GPU, 8 on CPU
     num_gpus: int | None = None       # None: every GPU Ray sees; 0: encode on CPUs
     cpu_encoders: int = 1             # encoder actors when there is no GPU
     encoder_threads: int = 1          # torch threads per CPU encoder actor
@@ -86,6 +85,12 @@ class EncodeConfig:
             if self.dataset != "demo":
                 bad("data_dir", "is required (the image folder or tar directory)")
             self.data_dir = str(Path(self.out).parent / "demo_images")
+        # absolute: Ray workers on other nodes (or `ray job submit`) have another cwd
+        self.out, self.data_dir = os.path.abspath(self.out), os.path.abspath(self.data_dir)
+        if self.teacher_weights is not None:
+            self.teacher_weights = os.path.abspath(self.teacher_weights)
+        if os.path.exists(self.vae):
+            self.vae = os.path.abspath(self.vae)
         if self.resolution < 32 or self.resolution % 32:
             bad("resolution", "must be a multiple of 32 (256 and 512 are the papers')")
         if self.views not in (1, 2):
@@ -149,22 +154,16 @@ class Plan:
                 f"estimated size {size / 1e9:.2f} GB ({'+'.join(s.backends)})")
 
 
-def _source_of(cfg: EncodeConfig) -> Source:
-    return list_source(cfg.dataset, cfg.data_dir, cfg.split, cfg.limit)
-
-
 def _models(cfg: EncodeConfig):
-    vae = build_vae(cfg.vae, random_weights=cfg.random_weights, seed=cfg.seed)
-    teacher = build_teacher(cfg.teacher, resolution=cfg.resolution,
-                            weights=cfg.teacher_weights, random_weights=cfg.random_weights,
-                            seed=cfg.seed)
-    return vae, teacher
+    return build_models(cfg.vae, cfg.teacher, resolution=cfg.resolution,
+                        teacher_weights=cfg.teacher_weights,
+                        random_weights=cfg.random_weights, seed=cfg.seed)
 
 
 def make_plan(cfg: EncodeConfig) -> Plan:
     """List the source and load the models once here (fails fast on bad paths and missing
     weights, before any Ray work), and fix the cache spec and provenance."""
-    source = _source_of(cfg)
+    source = list_source(cfg.dataset, cfg.data_dir, cfg.split, cfg.limit)
     vae, teacher = _models(cfg)
     hashes = {"vae": weights_sha256(vae), "teacher": weights_sha256(teacher)}
     grid, tspec = token_grid(cfg.resolution), TEACHERS[cfg.teacher]
@@ -174,6 +173,8 @@ def make_plan(cfg: EncodeConfig) -> Plan:
                      latent_size=cfg.resolution // 8, tokens=grid * grid,
                      token_dim=teacher.embed_dim, moments_dtype=DTYPES[cfg.moments_dtype],
                      token_dtype=DTYPES[cfg.token_dtype])
+    # content identity only: names, paths and hub ids live under "command" (not compared),
+    # so the same weights from another path or mirror resume the cache
     provenance = {
         "random_weights": cfg.random_weights,
         "source": source.provenance(cfg.limit),
@@ -188,91 +189,21 @@ def make_plan(cfg: EncodeConfig) -> Plan:
                              f"{teacher_input_size(cfg.resolution)} (align_corners=False, "
                              "no antialias)",
         },
-        "vae": {"id": "random-init " + cfg.vae if cfg.random_weights else cfg.vae,
-                "weights_sha256": hashes["vae"], "stored": "posterior mean and std"},
+        "vae": {"weights_sha256": hashes["vae"], "stored": "posterior mean and std",
+                "latent_channels": int(vae.config.latent_channels),
+                "scaling_factor": float(vae.config.scaling_factor)},
         "teacher": {"name": cfg.teacher, "timm_arch": tspec.arch, "registers": tspec.registers,
                     "dim": int(teacher.embed_dim), "patch": 14,
                     "input_size": teacher_input_size(cfg.resolution),
                     "pos_embed": f"resampled at load to {grid}x{grid} (bicubic, antialias)",
                     "outputs": "final-norm patch tokens and CLS",
                     "weights_sha256": hashes["teacher"]},
-        "precision": cfg.precision or "auto",
+        "precision": cfg.precision,   # resolved (bf16 on GPU, fp32 on CPU) by run_encode
     }
     done = {k for k in range(spec.num_shards)
             if all(read_done_marker(cfg.out, b, k) for b in spec.backends)}
     pending = [k for k in range(spec.num_shards) if k not in done]
     return Plan(cfg, source, spec, provenance, hashes, pending)
-
-
-# ---------------------------------------------------------------- the three stage functions
-
-def shard_row(source: Source, spec: CacheSpec, shard: int) -> dict[str, Any]:
-    start, stop = spec.shard_range(shard)
-    items = source.items[start:stop]
-    return {"shard": shard, "items": json.dumps([list(asdict(it).values()) for it in items])}
-
-
-def decode_stage(row: dict[str, Any], *, resolution: int, views: int) -> dict[str, Any]:
-    items = [Item(*fields) for fields in json.loads(row["items"])]
-    images, failures = decode_items(items, resolution, views)
-    return {"shard": int(row["shard"]), "images": images,
-            "keys": json.dumps([it.key for it in items]),
-            "labels": np.array([it.label for it in items], dtype=np.int64),
-            "failures": json.dumps(failures)}
-
-
-class EncodeStage:
-    """One per GPU (or CPU encoder): loads the models once, checks they are the planned
-    weights, then encodes whole shards."""
-
-    def __init__(self, cfg: dict, hashes: dict[str, str]):
-        import torch
-        self.cfg = EncodeConfig(**cfg)
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            torch.set_num_threads(self.cfg.encoder_threads)  # fixed: results depend on it
-        vae, teacher = _models(self.cfg)
-        got = {"vae": weights_sha256(vae), "teacher": weights_sha256(teacher)}
-        if got != hashes:
-            raise RuntimeError(
-                f"encoder on {socket.gethostname()} loaded other weights than the driver "
-                f"({got} vs {hashes}): give every node the same HF cache or local paths")
-        precision = self.cfg.precision or ("bf16" if cuda else "fp32")
-        self.encoder = Encoder(vae, teacher, resolution=self.cfg.resolution,
-                               device="cuda" if cuda else "cpu", precision=precision,
-                               batch_size=self.cfg.batch_size or (256 if cuda else 8),
-                               token_dtype="float32" if self.cfg.token_dtype == "int8"
-                               else "float16", compile=self.cfg.compile)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = collections.defaultdict(list)
-        for i in range(len(batch["shard"])):
-            failures = {int(k): v for k, v in json.loads(str(batch["failures"][i])).items()}
-            t0 = time.perf_counter()
-            enc = self.encoder.encode_shard(np.asarray(batch["images"][i]), set(failures))
-            for name, a in enc.items():
-                out[name].append(a)
-            out["encode_seconds"].append(time.perf_counter() - t0)
-            for name in ("shard", "keys", "labels", "failures"):
-                out[name].append(batch[name][i])
-        # one shard per call in practice: a[None] adds the batch axis without a 400 MB copy
-        return {k: (np.asarray(v[0])[None] if len(v) == 1 else np.stack(v))
-                if k not in ("keys", "failures") else np.array(v) for k, v in out.items()}
-
-
-def write_stage(row: dict[str, Any], *, root: str) -> dict[str, Any]:
-    failures = {int(k): v for k, v in json.loads(str(row["failures"])).items()}
-    writer = CacheWriter(root)
-    shard = int(row["shard"])
-    arrays = {"moments": row["moments"], "tokens": row["tokens"], "cls": row["cls"],
-              "label": row["labels"], "key": np.array(json.loads(str(row["keys"])))}
-    writer.write_shard(shard, arrays, failures)
-    marker = read_done_marker(root, writer.spec.backends[0], shard) or {}
-    nbytes = sum(f["bytes"] for b in writer.spec.backends
-                 for f in (read_done_marker(root, b, shard) or {}).get("files", {}).values())
-    return {"shard": shard, "images": len(row["labels"]), "failed": len(failures),
-            "bytes": nbytes, "encode_seconds": float(row["encode_seconds"]),
-            "failures": json.dumps(marker.get("failures", []))}
 
 
 # ---------------------------------------------------------------- Ray
@@ -291,52 +222,75 @@ def _init_ray(cfg: EncodeConfig) -> bool:
     return True
 
 
-def _stage_resources(cfg: EncodeConfig) -> dict[str, Any]:
-    """Actor pool size and per-actor resources: one actor per GPU, else CPU encoders."""
-    import ray
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+@dataclass(frozen=True)
+class Encoders:
+    """How the encoder stage runs: pool size, per-actor resources, device, numerics."""
+    size: int
+    num_gpus: int
+    num_cpus: int
+    device: str
+    precision: str
+    batch_size: int
+
+
+def plan_encoders(cfg: EncodeConfig, gpus: int, cpus: int) -> Encoders:
+    """One actor per GPU (every GPU the cluster has, unless --num-gpus), else CPU actors."""
     want = gpus if cfg.num_gpus is None else cfg.num_gpus
-    if want > gpus:
-        raise ValueError(f"--num-gpus {want}: the Ray cluster has {gpus} GPU(s)")
+    if want > gpus and not cfg.address:
+        raise ValueError(f"--num-gpus {want}: this machine has {gpus} GPU(s) for Ray")
+    if cfg.address and cfg.num_gpus is None and gpus == 0:
+        raise ValueError(f"the Ray cluster at {cfg.address} has no GPU right now; pass "
+                         "--num-gpus N to wait for N GPUs (autoscaling) or --num-gpus 0 to "
+                         "encode on CPUs")
     if want:
-        return dict(size=want, num_gpus=1, num_cpus=1)
-    cpus = int(ray.cluster_resources().get("CPU", 0))
+        return Encoders(want, 1, 1, "cuda", cfg.precision or "bf16",
+                        cfg.batch_size or max(1, 256 * 256 ** 2 // cfg.resolution ** 2))
     if cfg.cpu_encoders * cfg.encoder_threads >= cpus:
         raise ValueError(f"--cpu-encoders {cfg.cpu_encoders} x --encoder-threads "
                          f"{cfg.encoder_threads} would take all {cpus} CPUs of the Ray "
                          "cluster and leave none for decoding; use fewer")
-    return dict(size=cfg.cpu_encoders, num_gpus=0, num_cpus=cfg.encoder_threads)
+    return Encoders(cfg.cpu_encoders, 0, cfg.encoder_threads, "cpu", cfg.precision or "fp32",
+                    cfg.batch_size or 8)
 
 
-def build_dataset(plan: Plan, root: str):
+def build_dataset(plan: Plan, enc: Encoders, root: str):
     """The Ray Data pipeline over the pending shards (lazy; iterate it to run)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
-    cfg = plan.cfg
+    from ray.util.debug import log_once
+    cfg, spec = plan.cfg, plan.spec
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False   # our own bar counts images, not blocks
     ctx.print_on_execution_start = False
-    # ray.data sets its logger up on import; its INFO/WARNING lines would interleave with
-    # our bar (errors still show)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    res = _stage_resources(cfg)
-    rows = [shard_row(plan.source, plan.spec, k) for k in plan.pending]
+    log_once("ray_data_progress_manager_disabled")   # ...so no notice that Ray's is off
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep resource warnings
+    rows = [shard_row(plan.source, spec, k) for k in plan.pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    # memory: a decoded shard plus PIL's working copies; also keeps Ray from fusing this
-    # CPU stage into the encoder actors (their remote args then differ), so decoding
-    # scales over every core of the cluster independently of the GPUs
-    shard_bytes = cfg.shard_size * cfg.views * cfg.resolution ** 2 * 3
+    # memory: a decoded shard plus PIL's working copies plus the worker itself. Also keeps
+    # Ray from fusing this CPU stage into the encoder actors (operators whose remote args
+    # differ are not fused; tests/test_encode_job.py checks the plan), so decoding
+    # scales over every core of the cluster independently of the GPUs.
+    decoded = cfg.shard_size * cfg.views * cfg.resolution ** 2 * 3
     ds = ds.map(decode_stage, fn_kwargs=dict(resolution=cfg.resolution, views=cfg.views),
-                num_cpus=1, memory=2 * shard_bytes + (512 << 20))  # + the worker itself
+                num_cpus=1, memory=2 * decoded + (512 << 20))
+    models = dict(vae=cfg.vae, teacher=cfg.teacher, teacher_weights=cfg.teacher_weights,
+                  random_weights=cfg.random_weights, seed=cfg.seed)
     ds = ds.map_batches(EncodeStage, batch_size=1, batch_format="numpy",
-                        fn_constructor_kwargs=dict(cfg=asdict(cfg), hashes=plan.hashes),
+                        fn_constructor_args=(models, plan.hashes),
+                        fn_constructor_kwargs=dict(
+                            device=enc.device, precision=enc.precision,
+                            batch_size=enc.batch_size, threads=enc.num_cpus,
+                            resolution=cfg.resolution, compile=cfg.compile),
                         # the next shard queued at the actor; moving a shard in and out
                         # (object store, ~0.2 s) overlaps the encode of the next one
-                        compute=ActorPoolStrategy(size=res["size"],
+                        compute=ActorPoolStrategy(size=enc.size,
                                                   max_tasks_in_flight_per_actor=2,
                                                   max_concurrent_calls_per_actor=2),
-                        num_gpus=res["num_gpus"], num_cpus=res["num_cpus"])
-    return ds.map(write_stage, fn_kwargs=dict(root=root), num_cpus=1)
+                        num_gpus=enc.num_gpus, num_cpus=enc.num_cpus)
+    # the encoded shard (fp16 tokens) plus the stored copy (int8 or fp16) it becomes
+    encoded = cfg.shard_size * cfg.views * (spec.bytes_per_sample // spec.views) * 2
+    return ds.map(write_stage, fn_kwargs=dict(root=root), num_cpus=1,
+                  memory=2 * encoded + (512 << 20))
 
 
 # ---------------------------------------------------------------- the job
@@ -348,12 +302,10 @@ def _failure_summary(failures: list[dict]) -> str:
             + (f" (first: {first})" if first else ""))
 
 
-def _done_failures(root: Path, spec: CacheSpec, shards: list[int]) -> list[dict]:
-    out = []
-    for k in shards:
-        mk = read_done_marker(root, spec.backends[0], k)
-        out += mk["failures"] if mk else []
-    return out
+def _too_many(n: int, budget: int, total: int, failures: list[dict]) -> str:
+    return (f"{n} of {total} images failed to decode, more than --max-failures allows "
+            f"({budget}): {_failure_summary(failures)}. Check --data-dir and the files; "
+            "raise --max-failures to accept them (done shards are kept, a rerun resumes)")
 
 
 def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dict[str, Any]:
@@ -361,66 +313,71 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
 
     Returns the summary (also stored in the manifest). Raises TooManyFailures (the cache
     stays incomplete, its done shards kept) when failures exceed the budget."""
+    import ray
     root = Path(cfg.out)
     if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").exists():
         raise ValueError(f"--out {root} exists and is not a cache; give a new or empty "
                          "directory (a typo must not write into a dataset)")
     plan = plan or make_plan(cfg)
-    writer = create_cache(root, plan.spec, {
-        **plan.provenance,
-        "command": {"argv": shlex.join(sys.argv), "data_dir": str(cfg.data_dir),
-                    "teacher_weights": cfg.teacher_weights, "address": cfg.address},
-        "host": socket.gethostname()})
-    plan.pending = writer.pending_shards()
-    log(plan.describe())
-    budget = cfg.failure_budget(plan.spec.num_samples)
-    done = [k for k in range(plan.spec.num_shards) if k not in set(plan.pending)]
-    failures = _done_failures(root, plan.spec, done)
-    stats = {"images": 0, "failed": 0, "bytes": 0, "encode_seconds": 0.0}
-    t0 = time.perf_counter()
-    if plan.pending:
-        stats = _run_pipeline(plan, root, failures, budget, log)
-    elapsed = time.perf_counter() - t0
+    started = _init_ray(cfg)
+    try:
+        res = ray.cluster_resources()
+        enc = plan_encoders(cfg, int(res.get("GPU", 0)), int(res.get("CPU", 0)))
+        writer = create_cache(root, plan.spec, {
+            **plan.provenance, "precision": enc.precision,
+            "command": {"argv": shlex.join(sys.argv), "data_dir": cfg.data_dir,
+                        "vae": cfg.vae, "teacher_weights": cfg.teacher_weights,
+                        "address": cfg.address, "encoders": f"{enc.size} x {enc.device}",
+                        "batch_size": enc.batch_size},
+            "host": socket.gethostname()}, latent_scale=plan.provenance["vae"]["scaling_factor"])
+        plan.pending = writer.pending_shards()
+        log(plan.describe() + f"\n      encoders: {enc.size} x {enc.device} "
+            f"({enc.precision}, batch {enc.batch_size})")
+        budget = cfg.failure_budget(plan.spec.num_samples)
+        pending = set(plan.pending)
+        failures = [f for k in range(plan.spec.num_shards) if k not in pending
+                    for f in (read_done_marker(root, plan.spec.backends[0], k) or {}
+                              ).get("failures", [])]
+        t0 = time.perf_counter()
+        stats = _run_pipeline(plan, enc, root, failures, budget) if plan.pending else {}
+        elapsed = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
     if len(failures) > budget:
         raise TooManyFailures(_too_many(len(failures), budget, plan.spec.num_samples, failures))
-    summary = {"images": stats["images"], "failed": len(failures),
-               "bytes_written": stats["bytes"], "seconds": round(elapsed, 2),
-               "images_per_second": round(stats["images"] / elapsed, 2) if elapsed else None,
-               "steady_images_per_second": round(stats.get("steady_images_per_second", 0), 2),
+    images = stats.get("images", 0)
+    summary = {"images": images, "failed": len(failures),
+               "bytes_written": stats.get("bytes", 0), "seconds": round(elapsed, 2),
+               "images_per_second": round(images / elapsed, 2) if images else None,
+               "steady_images_per_second": round(stats.get("steady", 0), 2),
                "shards_encoded": len(plan.pending), "shards_total": plan.spec.num_shards}
-    m = finalize_cache(root, {"summary": summary})
+    # a rerun with nothing to do keeps the summary of the run that did the work
+    m = finalize_cache(root, {"summary": summary} if plan.pending else None)
     total = sum(f["bytes"] for t in m["shards"].values() for s in t for f in s["files"].values())
-    log(f"done: {summary['images']:,} images encoded in {elapsed:.1f} s "
+    log(f"done: {images:,} images encoded in {elapsed:.1f} s "
         f"({summary['images_per_second'] or 0:.1f} img/s), {m['num_valid']:,} valid, "
         f"{len(failures)} failed{' (' + _failure_summary(failures) + ')' if failures else ''}"
         f"; cache {total / 1e9:.3f} GB at {root}")
     return summary
 
 
-def _too_many(n: int, budget: int, total: int, failures: list[dict]) -> str:
-    return (f"{n} of {total} images failed to decode, more than --max-failures allows "
-            f"({budget}): {_failure_summary(failures)}. Check --data-dir and the files; "
-            "raise --max-failures to accept them (done shards are kept, a rerun resumes)")
-
-
-def _run_pipeline(plan: Plan, root: Path, failures: list[dict], budget: int, log
+def _run_pipeline(plan: Plan, enc: Encoders, root: Path, failures: list[dict], budget: int
                   ) -> dict[str, Any]:
-    import ray
     from tqdm import tqdm
-    started = _init_ray(plan.cfg)
     todo = sum(np.subtract(*plan.spec.shard_range(k)[::-1]) for k in plan.pending)
-    stats = {"images": 0, "failed": 0, "bytes": 0, "encode_seconds": 0.0}
+    stats = {"images": 0, "bytes": 0}
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None   # (time, images) when the first shard landed
     bar = tqdm(total=int(todo), unit="img", disable=not plan.cfg.progress, smoothing=0.1,
-               dynamic_ncols=True, desc="encode")
+               dynamic_ncols=True, desc="encode", mininterval=1.0)
     try:
-        for row in build_dataset(plan, str(root)).iter_rows():
-            for k in ("images", "failed", "bytes", "encode_seconds"):
-                stats[k] += row[k]
-            failures += json.loads(row["failures"])
+        for row in build_dataset(plan, enc, str(root)).iter_rows():
+            stats["images"] += int(row["images"])
+            stats["bytes"] += int(row["bytes"])
             if first is None:
                 first = (time.perf_counter(), stats["images"])
+            failures += json.loads(row["failures"])
             bar.update(int(row["images"]))
             bar.set_postfix(failed=len(failures), GB=f"{stats['bytes'] / 1e9:.2f}")
             if len(failures) > budget:
@@ -428,11 +385,8 @@ def _run_pipeline(plan: Plan, root: Path, failures: list[dict], budget: int, log
                                                 plan.spec.num_samples, failures))
     finally:
         bar.close()
-        if started:
-            ray.shutdown()
     # throughput after the first shard: excludes Ray start-up and model loading
     if first is not None and stats["images"] > first[1]:
-        last = time.perf_counter()
-        stats["steady_images_per_second"] = (stats["images"] - first[1]) / (last - first[0])
+        stats["steady"] = (stats["images"] - first[1]) / (time.perf_counter() - first[0])
         stats["startup_seconds"] = first[0] - t0
     return stats

@@ -31,11 +31,11 @@ class DecodeError(ValueError):
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float grayscale: PIL's convert would clip to 255; rescale to 8 bits
+        # 16-bit integer (PNG/TIFF, opened as I;16 or I) or float [0, 1] grayscale: PIL's
+        # convert would clip at 255; rescale to 8 bits, independently of the content
         a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I") and a.max() > 255 else 255.0
-        a = np.clip(a if img.mode != "F" else a * 255.0, 0, hi) * (255.0 / hi)
-        img = Image.fromarray(np.round(a).astype(np.uint8), "L")
+        a = a * 255.0 if img.mode == "F" else a / 257.0   # 65535 -> 255
+        img = Image.fromarray(np.round(np.clip(a, 0, 255)).astype(np.uint8), "L")
     with warnings.catch_warnings():  # "palette images with transparency" is expected
         warnings.simplefilter("ignore", UserWarning)
         return img.convert("RGB")

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_LABEL_EXTENSIONS = ("cls", "cls.txt", "label", "json")
 
@@ -92,10 +91,17 @@ def _class_folders(root: Path) -> list[Path]:
 
 
 def _split_dir(data_dir: Path, split: str) -> Path:
-    """`DIR/<split>` when it exists, else DIR itself (already a split directory)."""
+    """`DIR/<split>` when it exists, else DIR itself (already a split directory), unless
+    DIR holds the other split only (then --split names a folder that is missing)."""
     if not data_dir.is_dir():
         raise SourceError(f"--data-dir {data_dir} does not exist or is not a directory")
-    return data_dir / split if (data_dir / split).is_dir() else data_dir
+    if (data_dir / split).is_dir():
+        return data_dir / split
+    others = [s for s in ("train", "val") if s != split and (data_dir / s).is_dir()]
+    if others:
+        raise SourceError(f"--data-dir {data_dir} has {others[0]}/ but no {split}/ for "
+                          f"--split {split}")
+    return data_dir
 
 
 def list_imagefolder(data_dir: Path, split: str = "train") -> Source:
@@ -173,8 +179,14 @@ def _read_label(tf: tarfile.TarFile, member: tarfile.TarInfo, ext: str) -> int:
     data = tf.extractfile(member).read().decode().strip()
     if ext == "json":
         obj = json.loads(data)
-        return int(obj["label"] if "label" in obj else obj["cls"])
-    return int(data)
+        value = obj["label"] if "label" in obj else obj["cls"]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"label {value!r} is not an integer")
+        data = str(value)
+    label = int(data)
+    if label < 0:
+        raise ValueError(f"negative label {label}")
+    return label
 
 
 def list_wds(data_dir: Path, split: str = "train") -> Source:
@@ -184,7 +196,8 @@ def list_wds(data_dir: Path, split: str = "train") -> Source:
         samples: dict[str, dict] = {}
         order: list[str] = []
         try:
-            with tarfile.open(tar) as tf:
+            # "r:" = uncompressed only: samples are read later at their byte offsets
+            with tarfile.open(tar, "r:") as tf:
                 for m in tf:
                     if not m.isfile():
                         continue
@@ -200,10 +213,12 @@ def list_wds(data_dir: Path, split: str = "train") -> Source:
                     elif ext in WDS_LABEL_EXTENSIONS and "label" not in samples[key]:
                         try:
                             samples[key]["label"] = _read_label(tf, m, ext)
-                        except (ValueError, KeyError, UnicodeDecodeError) as e:
+                        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
                             samples[key]["error"] = f"unreadable label member {base}: {e}"
         except (tarfile.TarError, OSError) as e:
-            raise SourceError(f"{tar}: not a readable tar file ({e})") from e
+            raise SourceError(f"{tar}: not a readable uncompressed tar ({e}); compressed "
+                              "tars (.tar.gz) need unpacking first: samples are read at "
+                              "their byte offsets") from e
         for key in order:
             s = samples[key]
             offset, size = s.get("image", (-1, -1))

@@ -1,9 +1,12 @@
 """`pipeline encode` end to end on real (local) Ray, real JPEG folders and real models."""
 
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -14,7 +17,7 @@ from cache import CacheMismatchError, open_cache
 from cache.format import read_done_marker, read_manifest
 from pipeline import cli
 from pipeline.encoders import Encoder, build_teacher, build_vae
-from pipeline.job import EncodeConfig, run_encode
+from pipeline.job import EncodeConfig, build_dataset, make_plan, plan_encoders, run_encode
 from pipeline.preprocess import decode_items
 from pipeline.sources import list_source
 
@@ -87,6 +90,10 @@ def test_encode_end_to_end_resume_and_refusal(ray_local, images, tmp_path):
         run_encode(_cfg(out, images, format="both", token_dtype="int8", resolution=128))
     with pytest.raises(CacheMismatchError, match="teacher"):
         run_encode(_cfg(out, images, format="both", token_dtype="int8", seed=1))
+    with pytest.raises(CacheMismatchError, match="source"):   # another list of images
+        run_encode(_cfg(out, images, format="both", token_dtype="int8", limit=10))
+    assert m["provenance"]["precision"] == "fp32"            # resolved, not "auto"
+    assert m["provenance"]["command"]["encoders"] == "1 x cpu"
 
 
 def test_two_views_encode_the_flipped_image(ray_local, images, tmp_path):
@@ -188,7 +195,7 @@ def test_true_architectures_shapes_and_dtypes(ray_local, images, tmp_path):
                format="both")
     run_encode(cfg, log=lambda s: None)
     m = read_manifest(tmp_path / "real")
-    assert m["provenance"]["vae"]["id"] == "random-init stabilityai/sd-vae-ft-mse"
+    assert m["provenance"]["vae"]["scaling_factor"] == m["latent"]["scale"] == 0.18215
     fields = {k: (tuple(f["shape"]), f["dtype"]) for k, f in m["fields"].items()}
     assert fields["moments"] == ((1, 8, 32, 32), "float16")
     assert fields["tokens"] == ((1, 256, 768), "float16")
@@ -200,3 +207,80 @@ def test_true_architectures_shapes_and_dtypes(ray_local, images, tmp_path):
         assert s["tokens"].shape == (1, 256, 768) and s["tokens"].dtype == np.float16
         assert s["cls"].shape == (1, 768) and s["label"] == 1
         assert (s["moments"][:, 4:] > 0).all()        # a posterior std, not a sample
+
+
+def test_encoder_placement_and_defaults(tmp_path):
+    def plan(gpus, cpus, **kw):
+        kw = {"batch_size": None, "resolution": 256, **kw}
+        return plan_encoders(_cfg(tmp_path, tmp_path, **kw), gpus, cpus)
+    assert plan(8, 64) == plan(8, 64, num_gpus=8)
+    e = plan(8, 64)
+    assert (e.size, e.num_gpus, e.device, e.precision, e.batch_size) == (8, 1, "cuda", "bf16", 256)
+    assert plan(8, 64, resolution=512).batch_size == 64          # same pixels per batch
+    e = plan(8, 64, num_gpus=0)                                  # CPU even where GPUs are
+    assert (e.device, e.num_gpus, e.precision, e.batch_size) == ("cpu", 0, "fp32", 8)
+    with pytest.raises(ValueError, match="has 2 GPU"):
+        plan(2, 8, num_gpus=4)
+    with pytest.raises(ValueError, match="no GPU right now"):
+        plan(0, 8, address="ray://head:10001")
+    assert plan(0, 8, address="ray://head:10001", num_gpus=4).size == 4   # autoscaling
+    with pytest.raises(ValueError, match="leave none for decoding"):
+        plan(0, 4, cpu_encoders=2, encoder_threads=2)
+
+
+def test_decode_is_not_fused_into_the_encoders(ray_local, images, tmp_path, capsys):
+    cfg = _cfg(tmp_path / "c", images)
+    build_dataset(make_plan(cfg), plan_encoders(cfg, 0, 4), str(tmp_path / "c")).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(EncodeStage)]" in physical
+    assert "Map(decode_stage)->MapBatches" not in physical
+
+
+def test_webdataset_source_encodes_like_the_folder(ray_local, images, tmp_path):
+    src = list_source("imagefolder", images)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for t in range(2):
+        with tarfile.open(tars / f"part-{t:04d}.tar", "w") as tf:
+            for i, it in enumerate(src.items[t::2]):
+                for ext, data in (("jpg", open(it.path, "rb").read()),
+                                  ("cls", str(it.label).encode())):
+                    info = tarfile.TarInfo(f"{2 * i + t:06d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    run_encode(_cfg(tmp_path / "w", tars, dataset="wds"), log=lambda s: None)
+    run_encode(_cfg(tmp_path / "f", images), log=lambda s: None)
+    w, f = open_cache(tmp_path / "w"), open_cache(tmp_path / "f")
+    order = [src.items.index(src.items[t::2][i]) for t in range(2)
+             for i in range(len(src.items[t::2]))]             # tar order -> folder order
+    a = w.gather(range(15), ("moments", "tokens", "label"))
+    b = f.gather(order, ("moments", "tokens", "label"))
+    np.testing.assert_array_equal(a["label"], b["label"])
+    # same pixels; other batch neighbours, so CPU kernels may round the last bits differently
+    for k in ("moments", "tokens"):
+        np.testing.assert_allclose(a[k].astype(np.float32), b[k], rtol=5e-3, atol=1e-3)
+    assert w.keys([0])[0] == "part-0000.tar/000000"
+
+
+def test_local_weights_resume_from_other_paths(ray_local, images, tmp_path):
+    """Real (non-random) loading from local files; the same weights from another path, and
+    another batch size, resume the cache instead of being refused."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pipeline.encoders import TINY_VAE_CONFIG
+    torch.manual_seed(5)
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(tmp_path / "vae")
+    teacher = build_teacher("dinov2-tiny", resolution=64, random_weights=True, seed=5)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    cfg = dict(random_weights=False, vae=str(tmp_path / "vae"),
+               teacher_weights=str(tmp_path / "teacher.pth"), limit=8)
+    run_encode(_cfg(tmp_path / "c", images, **cfg), log=lambda s: None)
+    assert read_manifest(tmp_path / "c")["provenance"]["random_weights"] is False
+    shutil.copytree(tmp_path / "vae", tmp_path / "vae2")
+    shutil.copy(tmp_path / "teacher.pth", tmp_path / "teacher2.pth")
+    (tmp_path / "c" / "_done" / "zarr" / "000001.json").unlink()   # one shard to redo
+    summary = run_encode(_cfg(tmp_path / "c", images, **{
+        **cfg, "vae": str(tmp_path / "vae2"), "teacher_weights": str(tmp_path / "teacher2.pth"),
+        "batch_size": 5}), log=lambda s: None)
+    assert summary["shards_encoded"] == 1 and open_cache(tmp_path / "c").verify().ok

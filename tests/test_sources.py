@@ -103,6 +103,14 @@ def test_wds_tars(tmp_path):
     assert [it.label for it in src.items] == [3, 5, 2, 7]
     assert "no image member" in src.items[1].error
     assert read_bytes(src.items[0]) == jpg and read_bytes(src.items[3]) == jpg
+    with tarfile.open(d / "shard-000002.tar", "w") as tf:
+        for key, label in (("f", b"[1]"), ("g", b'{"label": null}'), ("h", b'{"label": -2}')):
+            _add(tf, f"{key}.jpg", jpg)
+            _add(tf, f"{key}.json", label)
+    odd = list_source("wds", d).items[4:]
+    assert [it.key for it in odd] == [f"shard-000002.tar/{k}" for k in "fgh"]
+    assert all("unreadable label member" in it.error for it in odd), odd
+    (d / "shard-000002.tar").unlink()
     pattern = list_source("wds", tmp_path / "tars" / "shard-{000000..000001}.tar")
     assert pattern.sha256() == src.sha256()
     with pytest.raises(SourceError, match="no webdataset tars"):
@@ -119,3 +127,29 @@ def test_demo_images_are_deterministic(tmp_path):
     sizes = {Image.open(p).size for p in fa}
     assert len(sizes) > 1  # varied sizes, so the crop has work to do
 
+
+
+def test_compressed_tars_are_refused(tmp_path):
+    with tarfile.open(tmp_path / "a.tar", "w:gz") as tf:
+        _add(tf, "a.jpg", b"x")
+    with pytest.raises(SourceError, match="compressed tars"):
+        list_source("wds", tmp_path / "a.tar")
+
+
+def test_missing_split_is_not_mistaken_for_the_root(tmp_path):
+    write_jpeg_folder(tmp_path / "ds" / "train", classes=2, per_class=1)
+    with pytest.raises(SourceError, match="no val/"):
+        list_source("imagefolder", tmp_path / "ds", "val")
+
+
+def test_demo_never_deletes_foreign_files(tmp_path):
+    (tmp_path / "photos" / "2023_trip").mkdir(parents=True)
+    (tmp_path / "photos" / "notes.md").write_text("mine")
+    with pytest.raises(SourceError, match="holds other files"):
+        ensure_demo_images(tmp_path / "photos", per_class=1, num_classes=2)
+    assert (tmp_path / "photos" / "notes.md").read_text() == "mine"
+    # an interrupted generation (no completion marker) is finished, not wiped
+    partial = tmp_path / "demo"
+    (partial / "00_circle").mkdir(parents=True)
+    ensure_demo_images(partial, per_class=1, num_classes=2)
+    assert len(list(partial.rglob("*.jpg"))) == 2
