@@ -110,3 +110,20 @@ def test_weight_errors_say_what_to_do(tmp_path):
     (tmp_path / "notavae").mkdir()
     with pytest.raises(WeightsError, match="config.json"):
         build_vae(str(tmp_path / "notavae"))
+
+
+def test_official_giant_swiglu_keys_load(tmp_path):
+    """ViT-g's official checkpoint names its SwiGLU w12/w3 (timm: fc1/fc2)."""
+    import timm
+
+    from pipeline.encoders import load_teacher_weights
+    # width 96: SwiGLU's hidden size (x 2.667) must be even
+    kw = dict(img_size=518, num_classes=0, embed_dim=96, depth=2, num_heads=2)
+    native = timm.create_model("vit_giant_patch14_dinov2", **kw)
+    official = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
+                for k, v in _official_state_dict(native, registers=False).items()}
+    assert any(".mlp.w12." in k for k in official)
+    torch.save(official, tmp_path / "g.pth")
+    fresh = timm.create_model("vit_giant_patch14_dinov2", **kw)
+    load_teacher_weights(fresh, tmp_path / "g.pth")
+    assert weights_sha256(fresh) == weights_sha256(native)
