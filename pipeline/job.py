@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cache import CacheSpec, create_cache, finalize_cache
 from cache.format import read_done_marker
 
@@ -140,11 +138,14 @@ class Plan:
     hashes: dict[str, str]
     pending: list[int] = field(default_factory=list)
 
+    @property
+    def pending_images(self) -> int:
+        return sum(b - a for a, b in map(self.spec.shard_range, self.pending))
+
     def describe(self) -> str:
         s, n = self.spec, self.spec.num_samples
         size = n * s.bytes_per_sample * len(s.backends)
-        done = s.num_shards - len(self.pending)
-        todo = sum(np.subtract(*s.shard_range(k)[::-1]) for k in self.pending)
+        done, todo = s.num_shards - len(self.pending), self.pending_images
         return (f"plan: {n:,} images ({self.source.kind} {self.source.split}, "
                 f"{len(self.source.class_names)} classes) -> {s.num_shards:,} shard(s) of "
                 f"{s.shard_size}; {done} done, {len(self.pending)} to encode ({todo:,} images)"
@@ -154,17 +155,13 @@ class Plan:
                 f"estimated size {size / 1e9:.2f} GB ({'+'.join(s.backends)})")
 
 
-def _models(cfg: EncodeConfig):
-    return build_models(cfg.vae, cfg.teacher, resolution=cfg.resolution,
-                        teacher_weights=cfg.teacher_weights,
-                        random_weights=cfg.random_weights, seed=cfg.seed)
-
-
 def make_plan(cfg: EncodeConfig) -> Plan:
     """List the source and load the models once here (fails fast on bad paths and missing
     weights, before any Ray work), and fix the cache spec and provenance."""
     source = list_source(cfg.dataset, cfg.data_dir, cfg.split, cfg.limit)
-    vae, teacher = _models(cfg)
+    vae, teacher = build_models(cfg.vae, cfg.teacher, resolution=cfg.resolution,
+                                teacher_weights=cfg.teacher_weights,
+                                random_weights=cfg.random_weights, seed=cfg.seed)
     hashes = {"vae": weights_sha256(vae), "teacher": weights_sha256(teacher)}
     grid, tspec = token_grid(cfg.resolution), TEACHERS[cfg.teacher]
     spec = CacheSpec(num_samples=len(source.items), shard_size=cfg.shard_size,
@@ -365,7 +362,7 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
 def _run_pipeline(plan: Plan, enc: Encoders, root: Path, failures: list[dict], budget: int
                   ) -> dict[str, Any]:
     from tqdm import tqdm
-    todo = sum(np.subtract(*plan.spec.shard_range(k)[::-1]) for k in plan.pending)
+    todo = plan.pending_images
     stats = {"images": 0, "bytes": 0}
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None   # (time, images) when the first shard landed
