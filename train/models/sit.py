@@ -1,0 +1,182 @@
+"""SiT (Ma et al. 2024) as REPA trains it: a DiT backbone on SD-VAE latents, read top to bottom.
+
+    latent [B, 4, 32, 32] -> 2x2 patches -> 256 tokens + fixed 2-D sin-cos positions
+    condition c = TimestepEmbed(t in [0, 1]) + LabelEmbed(y; 1000 = null class)
+    N x adaLN-Zero blocks (attention + GELU-tanh MLP, each gated by c)
+    final adaLN layer -> [B, 4, 32, 32] velocity
+
+Sizes (methods.md section 2; "GFLOPs" in the DiT papers are forward multiply-adds at
+256 px): B/2 130M 23.0, L/2 458M 80.8, XL/2 675M 118.6. `forward` can also return the
+hidden state output by block k (1-indexed), which REPA projects onto the teacher tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """MAE-style fixed 2-D positions [grid*grid, dim]: the first half of the channels
+    encodes the column, the second half the row; each half is sin then cos of
+    position * 10000^(-k / (dim/4))."""
+    assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        ang = pos.reshape(-1, 1) * omega                                  # [N, dim/4]
+        return torch.cat([ang.sin(), ang.cos()], dim=1)                   # [N, dim/2]
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()           # [N, dim]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (raw, no x1000) -> 256-dim sinusoid (cos half, then sin half) -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period)
+                          * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]                            # [B, 128]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)        # [B, 256]
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))                  # [B, D]
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class (index num_classes), used when a
+    label is dropped (p = 0.1 in training) and for the unconditional branch of CFG."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.table(y)                                               # [B, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)                        # [B, H, N, D/H]
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))               # [B, N, D]
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero: c -> shift/scale/gate for attention and MLP; LayerNorms without affine."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))          # [B, N, p*p*C]
+
+
+class SiT(nn.Module):
+    def __init__(self, *, depth: int, dim: int, heads: int, patch: int = 2,
+                 latent_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                 label_dropout: float = 0.1, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.patch, self.in_channels, self.dim = patch, in_channels, dim
+        self.grid = latent_size // patch
+        self.x_embedder = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = LabelEmbedder(num_classes, dim, label_dropout)
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, self.grid)[None],
+                             persistent=False)                             # [1, N, D]
+        self.blocks = nn.ModuleList(SiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(dim, patch, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform linears with zero bias; patch conv like a linear; label table and
+        timestep MLP N(0, 0.02); every adaLN output and the final projection zero, so each
+        block starts as the identity and the model starts by predicting v = 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, c, g = x.shape[0], self.patch, self.in_channels, self.grid
+        x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)            # [B, C, g, p, g, p]
+        return x.reshape(b, c, g * p, g * p)                               # [B, C, H, W]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                align_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels (num_classes = null).
+        Returns the velocity [B, C, H, W] and, if align_depth = k, the hidden state output
+        by block k (1-indexed) [B, N, D]."""
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)           # [B, D]
+        hidden = None
+        for k, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            if k == align_depth:
+                hidden = h
+        return self.unpatchify(self.final_layer(h, c)), hidden
+
+
+SIT_SIZES: dict[str, dict] = {
+    "sit-xl/2": dict(depth=28, dim=1152, heads=16),   # 675M, 118.6 GMACs
+    "sit-l/2": dict(depth=24, dim=1024, heads=16),    # 458M, 80.8
+    "sit-b/2": dict(depth=12, dim=768, heads=12),     # 130M, 23.0
+    "sit-s/2": dict(depth=12, dim=384, heads=6),      # 33M
+    "sit-tiny/2": dict(depth=2, dim=64, heads=2),     # tests and the CPU demo
+}
