@@ -46,26 +46,24 @@ VAES = {"sd-vae": SD_VAE_CONFIG, "tiny": TINY_VAE_CONFIG}
 @dataclass(frozen=True)
 class TeacherSpec:
     arch: str                 # timm architecture
-    dim: int
     registers: int = 0
     pretrained_tag: str | None = "lvd142m"
     kwargs: dict = field(default_factory=dict)   # architecture overrides (tiny test model)
 
 
 TEACHERS: dict[str, TeacherSpec] = {
-    "dinov2-s": TeacherSpec("vit_small_patch14_dinov2", 384),
-    "dinov2-b": TeacherSpec("vit_base_patch14_dinov2", 768),      # REPA's default, 86.6M
-    "dinov2-l": TeacherSpec("vit_large_patch14_dinov2", 1024),
-    "dinov2-g": TeacherSpec("vit_giant_patch14_dinov2", 1536),
-    "dinov2-s-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 384, 4),
-    "dinov2-b-reg": TeacherSpec("vit_base_patch14_reg4_dinov2", 768, 4),
-    "dinov2-l-reg": TeacherSpec("vit_large_patch14_reg4_dinov2", 1024, 4),
-    "dinov2-g-reg": TeacherSpec("vit_giant_patch14_reg4_dinov2", 1536, 4),
+    "dinov2-s": TeacherSpec("vit_small_patch14_dinov2"),
+    "dinov2-b": TeacherSpec("vit_base_patch14_dinov2"),      # REPA's default, 86.6M
+    "dinov2-l": TeacherSpec("vit_large_patch14_dinov2"),
+    "dinov2-g": TeacherSpec("vit_giant_patch14_dinov2"),
+    "dinov2-s-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 4),
+    "dinov2-b-reg": TeacherSpec("vit_base_patch14_reg4_dinov2", 4),
+    "dinov2-l-reg": TeacherSpec("vit_large_patch14_reg4_dinov2", 4),
+    "dinov2-g-reg": TeacherSpec("vit_giant_patch14_reg4_dinov2", 4),
     # a 2-block, 64-wide DINOv2-structured ViT for tests and the CPU demo (random weights)
-    "dinov2-tiny": TeacherSpec("vit_small_patch14_dinov2", 64, pretrained_tag=None,
+    "dinov2-tiny": TeacherSpec("vit_small_patch14_dinov2", pretrained_tag=None,
                                kwargs=dict(embed_dim=64, depth=2, num_heads=2)),
-    "dinov2-tiny-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 64, 4,
-                                   pretrained_tag=None,
+    "dinov2-tiny-reg": TeacherSpec("vit_small_patch14_reg4_dinov2", 4, pretrained_tag=None,
                                    kwargs=dict(embed_dim=64, depth=2, num_heads=2)),
 }
 PATCH = 14
@@ -277,40 +275,47 @@ class Encoder:
         feats = feats.float()
         return moments, feats[:, self.prefix:], feats[:, 0]             # [B,T,D], [B,D]
 
+    def output_shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Per-image shape and dtype of each output."""
+        c, g = self.vae.config.latent_channels, token_grid(self.resolution)
+        lat = self.resolution // 8
+        return {"moments": ((2 * c, lat, lat), np.float32),
+                "tokens": ((g * g, self.teacher.embed_dim), np.float16),
+                "cls": ((self.teacher.embed_dim,), np.float32)}
+
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [n, R, R, 3] -> moments float32 [n, 2C, R/8, R/8], tokens float16
-        [n, T, D], cls float32 [n, D]."""
+        [n, T, D] (the stored dtype; int8 quantization of fp16 values moves a value by at
+        most one int8 step, and rarely), cls float32 [n, D]."""
         n = len(images)
         if images.dtype != np.uint8 or images.shape[1:] != (self.resolution,) * 2 + (3,):
             raise ValueError(f"expected uint8 [n, {self.resolution}, {self.resolution}, 3], "
                              f"got {images.dtype} {images.shape}")
+        out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype)
+               in self.output_shapes().items()}
         src = torch.from_numpy(np.ascontiguousarray(images))  # uint8: 4x less to copy
-        out: dict[str, np.ndarray] = {}
         for lo in range(0, n, self.batch_size):
             parts = self._encode_batch(src[lo:lo + self.batch_size])
-            for name, t in zip(("moments", "tokens", "cls"), parts):
-                # tokens travel as fp16 (the stored dtype; int8 quantization of fp16 values
-                # moves a value by at most one int8 step, and rarely): half the bytes
-                a = t.to(torch.float16 if name == "tokens" else torch.float32).cpu().numpy()
-                if name not in out:
-                    out[name] = np.empty((n, *a.shape[1:]), dtype=a.dtype)
-                out[name][lo:lo + len(a)] = a
+            for a, t in zip(out.values(), parts):   # moments, tokens, cls
+                # cast on the device: fp16 tokens cross to the host at half the bytes
+                t = t.to(torch.float16 if a.dtype == np.float16 else torch.float32)
+                a[lo:lo + len(t)] = t.cpu().numpy()
         return out
 
     def encode_shard(self, images: np.ndarray, failed: set[int]) -> dict[str, np.ndarray]:
         """uint8 [n, V, R, R, 3] with `failed` rows skipped -> moments [n, V, ...],
         tokens [n, V, T, D], cls [n, V, D]; failed rows are zero."""
         n, v = images.shape[:2]
-        ok = np.array([i not in failed for i in range(n)], dtype=bool)
-        flat = images[ok].reshape(-1, *images.shape[2:])   # sample-major: s0v0, s0v1, s1v0
-        enc = self.encode(flat) if len(flat) else None
+        ok = np.ones(n, dtype=bool)
+        ok[sorted(failed)] = False
+        todo = images if ok.all() else images[ok]          # no copy of a clean shard
+        enc = self.encode(todo.reshape(-1, *images.shape[2:]))  # s0v0, s0v1, s1v0, ...
         out = {}
-        for name in ("moments", "tokens", "cls"):
-            if enc is None:  # every sample of the shard failed: shapes from a probe
-                enc = self.encode(np.zeros((1, *images.shape[2:]), np.uint8))
-                enc = {k: a[:0] for k, a in enc.items()}
-            a = enc[name].reshape(-1, v, *enc[name].shape[1:])
-            full = np.zeros((n, v, *a.shape[2:]), dtype=a.dtype)
-            full[ok] = a
-            out[name] = full
+        for name, a in enc.items():
+            a = a.reshape(-1, v, *a.shape[1:])
+            if ok.all():
+                out[name] = a
+                continue
+            out[name] = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+            out[name][ok] = a
         return out
