@@ -17,10 +17,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def unpatchify(x: torch.Tensor, patch: int, channels: int, grid: int) -> torch.Tensor:
+    """[B, grid*grid, p*p*C] tokens (row-major patches, each p x p x C) -> [B, C, H, W]."""
+    b = x.shape[0]
+    x = x.view(b, grid, grid, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, grid * patch, grid * patch)             # [B, C, H, W]
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -119,9 +127,11 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     def __init__(self, *, depth: int, dim: int, heads: int, patch: int = 2,
                  latent_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-                 label_dropout: float = 0.1, mlp_ratio: float = 4.0):
+                 label_dropout: float = 0.1, mlp_ratio: float = 4.0, align_depth: int = 8,
+                 checkpointing: bool = False):
         super().__init__()
         self.patch, self.in_channels, self.dim = patch, in_channels, dim
+        self.default_align_depth, self.checkpointing = align_depth, checkpointing
         self.grid = latent_size // patch
         self.x_embedder = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.t_embedder = TimestepEmbedder(dim)
@@ -154,9 +164,7 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        b, p, c, g = x.shape[0], self.patch, self.in_channels, self.grid
-        x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)            # [B, C, g, p, g, p]
-        return x.reshape(b, c, g * p, g * p)                               # [B, C, H, W]
+        return unpatchify(x, self.patch, self.in_channels, self.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 align_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,16 +175,20 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)           # [B, D]
         hidden = None
         for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
+            if self.checkpointing and self.training:
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
             if k == align_depth:
                 hidden = h
         return self.unpatchify(self.final_layer(h, c)), hidden
 
 
 SIT_SIZES: dict[str, dict] = {
-    "sit-xl/2": dict(depth=28, dim=1152, heads=16),   # 675M, 118.6 GMACs
-    "sit-l/2": dict(depth=24, dim=1024, heads=16),    # 458M, 80.8
-    "sit-b/2": dict(depth=12, dim=768, heads=12),     # 130M, 23.0
-    "sit-s/2": dict(depth=12, dim=384, heads=6),      # 33M
-    "sit-tiny/2": dict(depth=2, dim=64, heads=2),     # tests and the CPU demo
+    # align_depth: REPA's block k (1-indexed) for its projector: 8 for L and XL, 4 for B
+    "sit-xl/2": dict(depth=28, dim=1152, heads=16, align_depth=8),  # 675M, 118.6 GMACs
+    "sit-l/2": dict(depth=24, dim=1024, heads=16, align_depth=8),   # 458M, 80.8
+    "sit-b/2": dict(depth=12, dim=768, heads=12, align_depth=4),    # 130M, 23.0
+    "sit-s/2": dict(depth=12, dim=384, heads=6, align_depth=4),     # 33M
+    "sit-tiny/2": dict(depth=2, dim=64, heads=2, align_depth=1),    # tests and the CPU demo
 }
