@@ -225,6 +225,9 @@ class CacheLoader:
         self._dl = DataLoader(
             self._fetcher, batch_size=None, sampler=self._sampler, num_workers=workers,
             pin_memory=pin, collate_fn=_identity,
+            # its own generator: iter() must not draw from the global torch RNG, or a
+            # resumed run's random stream (noise, t, label drop) would drift
+            generator=torch.Generator().manual_seed(self.cfg.seed),
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             persistent_workers=workers > 0,
             multiprocessing_context=self.cfg.mp_context if workers else None)

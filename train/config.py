@@ -1,0 +1,248 @@
+"""The training configuration: one typed tree, loaded from a YAML preset plus overrides.
+
+    train run configs/urepa.yaml optim.lr=2e-4 run_dir=runs/try1
+
+OmegaConf merges the preset and the `key=value` overrides onto these dataclasses, so an
+unknown key or a value of the wrong type is an error naming the key (and the valid keys
+at that level); the dataclasses' `__post_init__` then check ranges and combinations.
+Defaults are the U-REPA / REPA recipe (methods.md sections 3-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .models import ARCHS
+from .models.projector import UPSAMPLE_MODES
+
+ALIGN_METHODS = ("urepa", "repa", "none")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, the value and what is allowed."""
+
+
+def _bad(cls: str, name: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{cls}.{name}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "sit-down-xl/2"
+    latent_size: int = 32            # resolution / 8; checked against the cache
+    in_channels: int = 4             # SD-VAE latent channels; checked against the cache
+    num_classes: int = 1000          # label `num_classes` is the null class (CFG)
+    label_dropout: float = 0.1
+    checkpointing: bool = False      # activation checkpointing: memory for ~30% more compute
+    compile: bool = False            # torch.compile the model
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise _bad("model", "arch", self.arch, f"choose one of {sorted(ARCHS)}")
+        if not 0 <= self.label_dropout < 1:
+            raise _bad("model", "label_dropout", self.label_dropout, "must be in [0, 1)")
+        for name in ("latent_size", "in_channels", "num_classes"):
+            if getattr(self, name) < 1:
+                raise _bad("model", name, getattr(self, name), "must be >= 1")
+
+
+@dataclass
+class AlignConfig:
+    method: str = "urepa"            # urepa: REPA + manifold loss; repa; none (plain SiT)
+    depth: Optional[int] = None      # block k (1-indexed) whose output is aligned; None:
+    #                                  REPA's 8 (L/XL) or 4 (B), U-REPA's middle-stage centre
+    weight: float = 0.25             # lambda: L = L_v + lambda * (L_REPA + w * L_ML);
+    #                                  U-REPA 0.25 (fitted to its Table 15), REPA 0.5
+    manifold_weight: float = 3.0     # w (U-REPA ablation: 0 / 2 / 3 / 4 -> 6.25 / 5.81 / 5.72 / 5.79)
+    manifold_pooled: bool = False    # compare per-sample mean tokens (B x B) instead
+    projector_dim: int = 2048        # hidden width of the projector MLP
+    upsample: str = "bilinear"       # U-REPA: MLP on the 8x8 tokens, then this x2 resize
+    teacher_dim: int = 768           # projector output; must equal the cache's token width
+
+    def __post_init__(self) -> None:
+        if self.method not in ALIGN_METHODS:
+            raise _bad("align", "method", self.method, f"choose one of {ALIGN_METHODS}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise _bad("align", "upsample", self.upsample, f"choose one of {UPSAMPLE_MODES}")
+        if self.depth is not None and self.depth < 1:
+            raise _bad("align", "depth", self.depth, "blocks are counted from 1")
+        for name in ("weight", "manifold_weight"):
+            if getattr(self, name) < 0:
+                raise _bad("align", name, getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    cache: str = MISSING             # a cache directory written by `pipeline encode`
+    backend: Optional[str] = None    # zarr or wds when the cache has both
+    view: str = "random"             # with flipped copies stored: a random view per sample
+    num_workers: int = 4             # loader processes per rank
+    block_size: int = 8              # contiguous samples per read
+    shuffle_buffer: int = 4096       # samples per in-memory shuffle window (per rank)
+    resolution: Optional[int] = None  # when set, must match the cache's image resolution
+
+    def __post_init__(self) -> None:
+        if self.view not in ("random", "first"):
+            raise _bad("data", "view", self.view, "choose 'random' or 'first'")
+        if self.num_workers < 0 or self.block_size < 1 or self.shuffle_buffer < 1:
+            raise ConfigError("data.num_workers must be >= 0, data.block_size and "
+                              "data.shuffle_buffer >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4                 # AdamW, constant (REPA, U-REPA)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # max global grad norm; 0 turns clipping off
+    ema_decay: float = 0.9999        # EMA of the weights after every step (sampling uses it)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise _bad("optim", "lr", self.lr, "must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise _bad("optim", "betas", self.betas, "two numbers in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise _bad("optim", "ema_decay", self.ema_decay, "must be in [0, 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = MISSING           # checkpoints, metrics.jsonl, config.yaml; rerun resumes
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0                    # model init; rank r trains with seed + r (REPA)
+    batch_size: int = 256            # global batch per optimizer step
+    micro_batch_size: Optional[int] = None  # per device per forward; None: batch / devices
+    #                                  (smaller => gradient accumulation keeps the global batch)
+    max_steps: int = 400_000         # U-REPA's headline numbers: 400K steps at batch 256
+    mixed_precision: str = "bf16"    # no, fp16 or bf16 autocast
+    tf32: bool = True                # TF32 matmuls on Ampere+ for the fp32 parts
+    log_every: int = 100             # steps between metrics.jsonl lines
+    checkpoint_every: int = 10_000   # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3        # the newest K are kept
+    tensorboard: bool = False        # also log through accelerate's TensorBoard tracker
+    progress: bool = True            # progress bar on the main process
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise _bad("train", name, getattr(self, name), "must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise _bad("train", "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        if self.mixed_precision not in PRECISIONS:
+            raise _bad("train", "mixed_precision", self.mixed_precision,
+                       f"choose one of {PRECISIONS}")
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per device, accumulation steps) that make up the global batch."""
+        per_device, rest = divmod(self.batch_size, world_size)
+        if rest:
+            raise ConfigError(f"batch_size={self.batch_size} does not split over "
+                              f"{world_size} processes")
+        micro = self.micro_batch_size or per_device
+        if per_device % micro:
+            raise ConfigError(f"micro_batch_size={micro} must divide the per-device batch "
+                              f"{per_device} (batch_size {self.batch_size} / {world_size})")
+        return micro, per_device // micro
+
+
+# Keys that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {
+    "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+    "tensorboard", "progress", "data.cache", "data.num_workers", "data.backend",
+    "model.compile", "model.checkpointing",
+}
+
+
+def _valid_keys(node_type: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(node_type)]
+
+
+def _schema_at(path: str) -> type:
+    node: type = TrainConfig
+    for part in filter(None, path.split(".")):
+        hint = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(hint):
+            break
+        node = hint
+    return node
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if isinstance(e, ConfigKeyError):
+        parent = key.rpartition(".")[0]
+        where = f"{parent}." if parent else ""
+        return ConfigError(f"{source}: unknown key {key!r}; valid keys under "
+                           f"{parent or 'the top level'}: "
+                           + ", ".join(where + k for k in _valid_keys(_schema_at(parent))))
+    return ConfigError(f"{source}: {key}: {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> TrainConfig:
+    """Schema <- YAML preset <- `key=value` overrides, validated. Raises ConfigError."""
+    schema = OmegaConf.structured(TrainConfig)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found (presets are in configs/)")
+        try:
+            layers.append((str(p), OmegaConf.load(p)))
+        except Exception as e:  # yaml.YAMLError and friends: name the file
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    cfg = schema
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, source) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"required key(s) not set: {', '.join(missing)} "
+                          "(set them in the YAML or as key=value)")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from None
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """{"optim.lr": 1e-4, ...}: the config as dotted keys (for diffs and trackers)."""
+    def walk(d: dict, prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    return walk(dataclasses.asdict(cfg), "")
+
+
+def changed_keys(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = flatten(saved), flatten(now)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

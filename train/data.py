@@ -1,0 +1,82 @@
+"""The trainer's side of the cache contract: check a cache against the config, load batches.
+
+Everything the model's shapes depend on is compared before any step runs, and every
+mismatch is reported at once, each naming the cache's value and the config key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cache import CacheDataset, CacheLoader, LoaderConfig
+from cache.format import INDEX, LABEL, LATENT_SCALE, MOMENTS, TOKENS
+
+from .config import ConfigError, TrainConfig
+from .models import ARCHS, num_blocks
+
+
+@dataclass
+class CacheCheck:
+    latent_scale: float
+    warnings: list[str]
+    summary: str
+
+
+def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:
+    """Compare the cache's manifest with the config. Raises ConfigError listing every
+    mismatch; returns the latent scale to apply and warnings (e.g. random-weight caches)."""
+    spec, man = ds.spec, ds.manifest
+    prov = man.get("provenance", {})
+    m, a = cfg.model, cfg.align
+    errors, warnings = [], []
+    if spec.latent_channels != m.in_channels:
+        errors.append(f"latent channels: cache {spec.latent_channels} vs "
+                      f"model.in_channels={m.in_channels}")
+    res = prov.get("preprocessing", {}).get("resolution")
+    if spec.latent_size != m.latent_size:
+        errors.append(f"latent size: cache {spec.latent_size}x{spec.latent_size}"
+                      + (f" (from {res} px images)" if res else "")
+                      + f" vs model.latent_size={m.latent_size}")
+    if cfg.data.resolution is not None and res is not None and res != cfg.data.resolution:
+        errors.append(f"resolution: cache {res} px vs data.resolution={cfg.data.resolution}")
+    classes = prov.get("source", {}).get("num_classes")
+    if classes is not None and classes > m.num_classes:
+        errors.append(f"classes: cache has {classes} vs model.num_classes={m.num_classes}")
+    if a.method != "none":
+        patch = ARCHS[m.arch][1].get("patch", 2)  # every size here patches 2x2
+        grid = m.latent_size // patch
+        tgrid = math.isqrt(spec.tokens)
+        if tgrid * tgrid != spec.tokens or tgrid != grid:
+            errors.append(f"teacher tokens: cache {spec.tokens} per image vs the model's "
+                          f"{grid}x{grid} token grid ({m.arch} on {m.latent_size}x"
+                          f"{m.latent_size} latents); REPA aligns token n with token n")
+        if spec.token_dim != a.teacher_dim:
+            errors.append(f"teacher width: cache tokens are {spec.token_dim}-d vs "
+                          f"align.teacher_dim={a.teacher_dim} (the projector's output)")
+        blocks = num_blocks(m.arch)
+        if a.depth is not None and a.depth > blocks:
+            errors.append(f"align.depth={a.depth}: {m.arch} has {blocks} blocks")
+    if errors:
+        raise ConfigError(f"cache {ds.root} does not fit the config:\n  " + "\n  ".join(errors))
+    if prov.get("random_weights"):
+        warnings.append(f"cache {ds.root} was encoded with RANDOM weights (--random-weights): "
+                        "fine for smoke tests, meaningless for real training")
+    if ds.failures:
+        warnings.append(f"{len(ds.failures)} sample(s) failed at encode time and are skipped")
+    scale = float(man.get("latent", {}).get("scale", LATENT_SCALE))
+    summary = (f"cache {ds.root}: {ds.num_valid:,} samples, latent {spec.latent_channels}x"
+               f"{spec.latent_size}x{spec.latent_size} (scale {scale}), teacher tokens "
+               f"{spec.tokens}x{spec.token_dim}" + (f", {res} px" if res else ""))
+    return CacheCheck(scale, warnings, summary)
+
+
+def make_loader(ds: CacheDataset, cfg: TrainConfig, micro_batch: int, *, rank: int,
+                world_size: int) -> CacheLoader:
+    """Per-rank loader of micro-batches; teacher tokens are read only when aligning."""
+    fields = (MOMENTS, LABEL, INDEX) + ((TOKENS,) if cfg.align.method != "none" else ())
+    window = max(micro_batch, cfg.data.shuffle_buffer // micro_batch * micro_batch)
+    return CacheLoader(ds, LoaderConfig(
+        batch_size=micro_batch, fields=fields, seed=cfg.seed, block_size=cfg.data.block_size,
+        shuffle_buffer=window, view=cfg.data.view, num_workers=cfg.data.num_workers,
+        backend=cfg.data.backend), rank=rank, world_size=world_size)

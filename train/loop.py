@@ -1,0 +1,275 @@
+"""The training loop: one function for CPU, one GPU, many GPUs and many nodes (accelerate).
+
+    run_dir/
+      config.yaml              the resolved config (a rerun must agree with it; see
+                               config.RESUMABLE_CHANGES for what may change)
+      metrics.jsonl            one line per log_every steps (+ the last step)
+      checkpoints/step_00010000/  model, optimizer, EMA, step, loader position and every
+                               rank's RNG states (accelerate save_state), renamed into
+                               place once complete; the newest keep_checkpoints are kept
+      nonfinite-step_N.json    written instead of a checkpoint when a loss turns NaN/Inf
+
+Rerunning `train run` on the same run directory resumes from the newest checkpoint and
+continues the exact same trajectory: the data order is a function of (seed, epoch, rank)
+and the position, and every random draw of a step comes from the restored RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from cache import open_cache
+from cache.format import INDEX, atomic_write_bytes
+
+from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
+                     load_config, to_yaml)
+from .data import check_cache, make_loader
+from .models import build_model
+from .step import Student
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss or gradient norm turned NaN/Inf; the run stopped before the bad update."""
+
+
+class TrainState:
+    """Step counter and loader position, checkpointed with the model (all ranks agree)."""
+
+    def __init__(self, loader):
+        self.step, self.loader = 0, loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        # the main process saved its own loader state; epoch and position are the same
+        # on every rank, the rank is ours
+        self.loader.load_state_dict({**state["loader"], "rank": self.loader.rank})
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    d = run_dir / "checkpoints"
+    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name)) if d.is_dir() else []
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    e, p = list(ema.parameters()), [q.detach() for q in net.parameters()]
+    torch._foreach_lerp_(e, p, 1.0 - decay)
+
+
+def _batches(loader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:  # epochs follow each other; the loader advances its own epoch counter
+        yield from loader
+
+
+def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = load_config(saved_path)
+    diff = [k for k in changed_keys(saved, cfg) if k not in RESUMABLE_CHANGES]
+    if diff and checkpoints(run_dir):
+        a, b = flatten(saved), flatten(cfg)
+        raise ConfigError(
+            f"{run_dir} holds a run with another config; resuming would mix two runs:\n  "
+            + "\n  ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}" for k in diff)
+            + "\nUse a new run_dir, or restore these values.")
+
+
+def _save_checkpoint(acc, run_dir: Path, step: int, keep: int, meta: dict) -> Path:
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    if final.exists():
+        return final
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_bytes(tmp / "checkpoint.json", json.dumps(meta, indent=1).encode())
+        os.replace(tmp, final)  # the checkpoint exists only once it is complete
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """After a resume from `step`, drop lines logged past it (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+            and json.loads(ln).get("step", 0) <= step]
+    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
+    Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    run_dir = Path(cfg.run_dir).absolute()
+    world = PartialState().num_processes
+    micro, accum = cfg.accumulation(world)
+    ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
+    check = check_cache(ds, cfg)
+    _check_resume_config(run_dir, cfg)
+
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
+                      log_with="tensorboard" if cfg.tensorboard else None)
+    main = acc.is_main_process
+    say = log if main else (lambda _msg: None)
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+    for w in check.warnings:
+        say(f"WARNING: {w}")
+    say(check.summary)
+
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    m = cfg.model
+    net = build_model(m.arch, latent_size=m.latent_size, in_channels=m.in_channels,
+                      num_classes=m.num_classes, label_dropout=m.label_dropout,
+                      checkpointing=m.checkpointing)
+    student = Student(net, cfg.align, latent_scale=check.latent_scale)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in net.parameters())
+    say(f"model {m.arch}: {n_params / 1e6:.1f}M parameters; align {cfg.align.method}"
+        + (f" at block {student.depth}" if student.depth else "")
+        + f"; global batch {cfg.batch_size} = {world} process(es) x {micro} x {accum} "
+        f"accumulation; {cfg.mixed_precision} autocast")
+    o = cfg.optim
+    opt = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
+                            weight_decay=o.weight_decay, eps=o.eps)
+    if m.compile:
+        student.net.compile()
+    student, opt = acc.prepare(student, opt)
+    ema.to(acc.device)
+    loader = make_loader(ds, cfg, micro, rank=acc.process_index, world_size=world)
+    state = TrainState(loader)
+    acc.register_for_checkpointing(ema, state)
+
+    set_seed(cfg.seed + acc.process_index)  # REPA: seed + rank for the random draws
+    found = checkpoints(run_dir)
+    if main:  # an interrupted save leaves a .tmp directory: never a checkpoint
+        for stale in (run_dir / "checkpoints").glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if found:
+        acc.load_state(str(found[-1]))
+        say(f"resumed from {found[-1]} (step {state.step})")
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        _trim_metrics(metrics_path, state.step)
+    if cfg.tensorboard:
+        acc.init_trackers("train", config=flatten(cfg))
+
+    inner = acc.unwrap_model(student).net
+    params = [p for p in student.parameters() if p.requires_grad]
+    meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale}
+    batches = _batches(loader)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
+               unit="step", dynamic_ncols=True)
+    terms_sum: dict[str, float] = {}
+    window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
+    last: dict[str, Any] = {}
+    student.train()
+    while state.step < cfg.max_steps:
+        t_step = time.perf_counter()
+        wait, sums, indices = 0.0, {}, []
+        for k in range(accum):
+            t_wait = time.perf_counter()
+            batch = {name: v.to(acc.device, non_blocking=True) for name, v in next(batches).items()}
+            wait += time.perf_counter() - t_wait
+            indices.append(batch.pop(INDEX))
+            sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)
+            with sync:
+                out = student(batch)
+                acc.backward(out["loss"] / accum)
+            for name, v in out.items():
+                sums[name] = sums.get(name, 0.0) + v.detach().float() / accum
+        grad_norm = acc.clip_grad_norm_(params, o.grad_clip or math.inf)
+        names = sorted(sums)
+        terms = acc.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
+        bad_grad = cfg.mixed_precision != "fp16" and not torch.isfinite(grad_norm)
+        if not torch.isfinite(terms).all() or bad_grad:
+            _stop_nonfinite(acc, run_dir, state.step + 1, dict(zip(names, terms.tolist())),
+                            float(grad_norm), o.lr, torch.cat(indices).tolist(), say)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, inner, o.ema_decay)
+        state.step += 1
+        bar.update(1)
+
+        for n, v in zip(names, terms.tolist()):
+            terms_sum[n] = terms_sum.get(n, 0.0) + v
+        terms_sum["grad_norm"] = terms_sum.get("grad_norm", 0.0) + float(grad_norm)
+        window["steps"] += 1
+        window["wait"] += wait
+        window["time"] += time.perf_counter() - t_step
+        done = state.step == cfg.max_steps
+        if state.step % cfg.log_every == 0 or done:
+            n = window["steps"]
+            elapsed = time.perf_counter() - window["t0"]
+            last = {"step": state.step, "epoch": loader.epoch,
+                    **{k: v / n for k, v in terms_sum.items()}, "lr": o.lr,
+                    "steps_per_s": n / elapsed, "img_per_s": n * cfg.batch_size / elapsed,
+                    "data_wait": window["wait"] / max(window["time"], 1e-9),
+                    "time": time.time()}
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}",
+                                wait=f"{100 * last['data_wait']:.1f}%")
+            if cfg.tensorboard:
+                acc.log({k: v for k, v in last.items() if k not in ("step", "time")},
+                        step=state.step)
+            terms_sum = {}
+            window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
+        if state.step % cfg.checkpoint_every == 0 or done:
+            path = _save_checkpoint(acc, run_dir, state.step, cfg.keep_checkpoints,
+                                    {**meta, "step": state.step})
+            if main:
+                (bar.write if cfg.progress else log)(f"checkpoint {path}")
+    bar.close()
+    acc.end_training()
+    return last
+
+
+def _stop_nonfinite(acc, run_dir: Path, step: int, terms: dict[str, float], grad_norm: float,
+                    lr: float, indices: list[int], say) -> None:
+    found = checkpoints(run_dir)
+    info = {"step": step, "terms": terms, "grad_norm": grad_norm, "lr": lr,
+            "sample_indices_main_process": indices,
+            "last_checkpoint": str(found[-1]) if found else None}
+    if acc.is_main_process:
+        atomic_write_bytes(run_dir / f"nonfinite-step_{step}.json",
+                           json.dumps(info, indent=1).encode())
+    acc.wait_for_everyone()
+    raise NonFiniteLoss(
+        f"non-finite value at step {step}: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + f", grad_norm={grad_norm:.4g}"
+        + f" (lr {lr}). The update was not applied and no checkpoint was written; the last "
+        f"good one is {info['last_checkpoint'] or '(none yet)'}. Details and this batch's "
+        f"sample indices: {run_dir}/nonfinite-step_{step}.json. Try a lower optim.lr, "
+        "mixed_precision=bf16 instead of fp16, or inspect those samples.")
