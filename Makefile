@@ -24,6 +24,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m train.cli run configs/demo.yaml
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
               f"last batch {shapes}")
     print(f"\ndone. The cache is in {cache}; `pipeline stats {cache}` summarises it; rerunning "
           "the demo resumes it (nothing to do).")
-    print("train run and train sample join this demo with issues 4-5.")
+    print("next (make demo runs it): train run configs/demo.yaml  (train sample joins with "
+          "issue 5)")
     return 0
 
 

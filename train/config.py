@@ -30,8 +30,8 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the key, the value and what is allowed."""
 
 
-def _bad(cls: str, name: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{cls}.{name}={value!r}: {why}")
+def _bad(group: str, name: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{group + '.' if group else ''}{name}={value!r}: {why}")
 
 
 @dataclass
@@ -141,11 +141,13 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise _bad("train", name, getattr(self, name), "must be >= 1")
+                raise _bad("", name, getattr(self, name), "must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise _bad("train", "micro_batch_size", self.micro_batch_size, "must be >= 1")
+            raise _bad("", "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        if str(self.mixed_precision).lower() in ("false", "fp32", "none"):
+            self.mixed_precision = "no"  # YAML reads a bare `no` as False
         if self.mixed_precision not in PRECISIONS:
-            raise _bad("train", "mixed_precision", self.mixed_precision,
+            raise _bad("", "mixed_precision", self.mixed_precision,
                        f"choose one of {PRECISIONS}")
 
     def accumulation(self, world_size: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -189,7 +190,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale}
     batches = _batches(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
     terms_sum: dict[str, float] = {}
     window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
     last: dict[str, Any] = {}
@@ -259,7 +261,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 def _stop_nonfinite(acc, run_dir: Path, step: int, terms: dict[str, float], grad_norm: float,
                     lr: float, indices: list[int], say) -> None:
     found = checkpoints(run_dir)
-    info = {"step": step, "terms": terms, "grad_norm": grad_norm, "lr": lr,
+    def num(v: float) -> float | str:  # strict JSON has no NaN/Infinity
+        return v if math.isfinite(v) else str(v)
+    info = {"step": step, "terms": {k: num(v) for k, v in terms.items()},
+            "grad_norm": num(grad_norm), "lr": lr,
             "sample_indices_main_process": indices,
             "last_checkpoint": str(found[-1]) if found else None}
     if acc.is_main_process:

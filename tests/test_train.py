@@ -1,0 +1,218 @@
+"""The trainer end to end on small real caches: config errors, cache checks, loss going
+down, exact resume, refusal of a changed config, the NaN stop, the no-teacher guarantee."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache import CacheSpec, create_cache, finalize_cache
+from train.cli import main as train_main
+from train.config import ConfigError, load_config
+from train.data import check_cache
+from train.loop import checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = CacheSpec(num_samples=96, shard_size=32, latent_size=8, tokens=16, token_dim=32)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std)
+    and teacher tokens that are a fixed function of that pattern."""
+    root = tmp_path_factory.mktemp("cache") / "c"
+    rng = np.random.default_rng(0)
+    n, s, t, d = SPEC.num_samples, SPEC.latent_size, SPEC.tokens, SPEC.token_dim
+    patterns = rng.standard_normal((4, 4, s, s)).astype(np.float32) / 0.18215
+    proj = rng.standard_normal((4 * 4, d)).astype(np.float32)
+    labels = np.arange(n) % 4
+    mean = patterns[labels] + rng.standard_normal((n, 4, s, s)).astype(np.float32)
+    patches = mean.reshape(n, 4, 4, 2, 4, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, 16)
+    w = create_cache(root, SPEC, {"random_weights": True, "dataset": "structured"})
+    for k in w.pending_shards():
+        a, b = SPEC.shard_range(k)
+        w.write_shard(k, {
+            "moments": np.concatenate([mean[a:b], np.full_like(mean[a:b], 0.5)], 1)[:, None],
+            "tokens": (patches[a:b] @ proj)[:, None], "cls": np.zeros((b - a, 1, d)),
+            "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)]})
+    finalize_cache(root)
+    return root
+
+
+def tiny(cache, run_dir, *extra):
+    """A tiny U-REPA run: SiT-down-tiny on 8x8 latents (4x4 tokens, 2x2 middle stage)."""
+    return load_config(None, [
+        f"run_dir={run_dir}", f"data.cache={cache}", "data.num_workers=0",
+        "data.shuffle_buffer=32", "model.arch=sit-down-tiny/2", "model.latent_size=8",
+        "align.teacher_dim=32", "align.projector_dim=64", "batch_size=16",
+        "mixed_precision=no", "optim.lr=1e-3", "optim.ema_decay=0.9", "progress=false",
+        "log_every=1", "checkpoint_every=5", "keep_checkpoints=2", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_preset_loads(preset):
+    cfg = load_config(ROOT / "configs" / preset)
+    assert cfg.run_dir and cfg.data.cache
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys under optim: optim.lr, optim.betas"),
+    ("foo=1", "unknown key 'foo'; valid keys under the top level: run_dir, data"),
+    ("optim.lr=fast", "optim.lr: Value 'fast'"),
+    ("batch_size=1.5", "batch_size: Value '1.5'"),
+    ("model.arch=sit-q/2", "model.arch='sit-q/2': choose one of"),
+    ("align.method=repa2", "align.method='repa2'"),
+    ("mixed_precision=fp8", "mixed_precision='fp8': choose one of"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_missing_keys_files_and_batch_splits(tmp_path):
+    with pytest.raises(ConfigError, match="required key.*data.cache"):
+        load_config(None, ["run_dir=x"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    cfg = load_config(None, ["run_dir=x", "data.cache=y", "batch_size=256",
+                             "micro_batch_size=32"])
+    assert cfg.accumulation(4) == (32, 2)
+    with pytest.raises(ConfigError, match="does not split over 3"):
+        cfg.accumulation(3)
+    with pytest.raises(ConfigError, match="must divide the per-device batch 128"):
+        load_config(None, ["run_dir=x", "data.cache=y", "micro_batch_size=48"]).accumulation(2)
+
+
+def test_cache_mismatches_name_both_sides(cache, tmp_path):
+    from cache import open_cache
+    ds = open_cache(cache)
+    cfg = tiny(cache, tmp_path, "model.latent_size=16", "align.teacher_dim=768",
+               "model.in_channels=3")
+    with pytest.raises(ConfigError) as e:
+        check_cache(ds, cfg)
+    msg = str(e.value)
+    assert "latent size: cache 8x8 vs model.latent_size=16" in msg
+    assert "latent channels: cache 4 vs model.in_channels=3" in msg
+    assert "teacher width: cache tokens are 32-d vs align.teacher_dim=768" in msg
+    assert "teacher tokens: cache 16 per image vs the model's 8x8 token grid" in msg
+    check = check_cache(ds, tiny(cache, tmp_path))
+    assert check.latent_scale == pytest.approx(0.18215)
+    assert any("RANDOM weights" in w for w in check.warnings)
+    # without alignment the token grid does not matter
+    check_cache(ds, tiny(cache, tmp_path, "align.method=none", "align.teacher_dim=768"))
+
+
+def test_cli_reports_bad_config_and_dry_run(cache, tmp_path, capsys):
+    assert train_main(["run", str(ROOT / "configs/demo.yaml"), "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+    assert train_main(["run", str(ROOT / "configs/demo.yaml"), f"data.cache={tmp_path}"]) == 2
+    assert "is not a urepa-cache: it has no manifest.json" in capsys.readouterr().err
+    args = [f"{k}={v}" for k, v in [("run_dir", tmp_path / "r"), ("data.cache", cache),
+                                     ("model.latent_size", 8), ("align.teacher_dim", 32)]]
+    assert train_main(["run", str(ROOT / "configs/demo.yaml"), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "96 samples" in out and "would train sit-down-tiny/2" in out
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ training
+def test_tiny_run_learns_and_resumes_exactly(cache, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny(cache, a, "max_steps=30"), log=lambda _: None)
+    la = metrics(a)
+    assert [m["step"] for m in la] == list(range(1, 31))
+    for term in ("loss", "loss_v", "loss_repa"):
+        first, last = np.mean([m[term] for m in la[:5]]), np.mean([m[term] for m in la[-5:]])
+        assert last < first - 0.1 * abs(first), (term, first, last)
+    assert {"loss_v", "loss_repa", "loss_ml", "grad_norm", "img_per_s", "data_wait"} <= set(la[0])
+    assert all(0 <= m["data_wait"] <= 1 for m in la)
+    assert [p.name for p in checkpoints(a)] == ["step_00000025", "step_00000030"]  # keep 2
+
+    train(tiny(cache, b, "max_steps=17"), log=lambda _: None)     # "interrupted" at 17
+    (b / "checkpoints" / ".tmp_step_00000018").mkdir()            # a save killed midway
+    msgs = []
+    train(tiny(cache, b, "max_steps=30"), log=msgs.append)         # rerun: resumes
+    assert any("resumed from" in m and "step_00000017" in m for m in msgs)
+    assert not (b / "checkpoints" / ".tmp_step_00000018").exists()
+    assert [m["loss"] for m in metrics(b)] == [m["loss"] for m in la]  # bit-exact trajectory
+    for name in ("model.safetensors",):
+        wa, wb = (load_file(d / "checkpoints/step_00000030" / name) for d in (a, b))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ema_a, ema_b = (torch.load(d / "checkpoints/step_00000030/custom_checkpoint_0.pkl")
+                    for d in (a, b))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    meta = json.loads((a / "checkpoints/step_00000030/checkpoint.json").read_text())
+    assert meta["arch"] == "sit-down-tiny/2" and meta["step"] == 30
+    assert (a / "config.yaml").exists()
+
+
+def test_resume_refuses_a_changed_recipe(cache, tmp_path):
+    train(tiny(cache, tmp_path, "max_steps=2"), log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"optim.lr: saved 0.001 vs now 0.002"):
+        train(tiny(cache, tmp_path, "max_steps=3", "optim.lr=2e-3"), log=lambda _: None)
+    train(tiny(cache, tmp_path, "max_steps=3", "log_every=2"), log=lambda _: None)  # allowed
+
+
+def test_accumulation_and_plain_sit(cache, tmp_path):
+    cfg = tiny(cache, tmp_path, "max_steps=3", "micro_batch_size=8", "align.method=none",
+               "model.arch=sit-tiny/2")
+    last = train(cfg, log=lambda _: None)
+    assert last["step"] == 3 and "loss_repa" not in last
+    state = torch.load(tmp_path / "checkpoints/step_00000003/custom_checkpoint_1.pkl")
+    assert state["loader"]["batch_size"] == 8
+    assert state["loader"]["batch_in_epoch"] == 6           # 3 steps x 2 micro-batches
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(cache, tmp_path, capsys):
+    """A diverging run (absurd learning rate) stops at the first non-finite step with a
+    diagnostic; the update is not applied and the last good checkpoint stays the newest."""
+    run = tmp_path / "run"
+    rc = train_main(["run", str(ROOT / "configs/demo.yaml"), f"run_dir={run}",
+                     f"data.cache={cache}", "model.latent_size=8", "align.teacher_dim=32",
+                     "batch_size=8", "data.shuffle_buffer=8", "max_steps=50",
+                     "checkpoint_every=1", "optim.lr=1e30", "optim.grad_clip=0",
+                     "progress=false"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite value at step" in err and "last good one is" in err
+    bad = sorted(run.glob("nonfinite-step_*.json"))
+    assert len(bad) == 1
+    info = json.loads(bad[0].read_text())
+    assert len(info["sample_indices_main_process"]) == 8
+    names = [p.name for p in checkpoints(run)]
+    assert f"step_{info['step']:08d}" not in names            # nothing saved past the bad step
+    if info["step"] > 1:
+        assert names[-1] == f"step_{info['step'] - 1:08d}"
+        assert info["last_checkpoint"].endswith(names[-1])
+
+
+def test_the_trainer_never_loads_a_teacher(cache, tmp_path):
+    """Train in a fresh interpreter and list what got imported: no pipeline code (where the
+    teacher and VAE live), no timm, no diffusers; the teacher tokens come from the cache."""
+    script = f"""
+import sys
+from train.cli import main
+rc = main(["run", {str(ROOT / 'configs/demo.yaml')!r}, "run_dir={tmp_path / 'r'}",
+           "data.cache={cache}", "model.latent_size=8", "align.teacher_dim=32",
+           "batch_size=8", "data.shuffle_buffer=8", "max_steps=2", "progress=false"])
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "timm", "diffusers"))
+print("RC", rc, "IMPORTED", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert "RC 0 IMPORTED []" in out.stdout, out.stdout + out.stderr
