@@ -1,0 +1,232 @@
+"""Training-step throughput: teacher tokens read from the cache vs the teacher run online.
+
+    python benchmarks/train_step.py [--arch sit-down-b/2] [--teacher dinov2-b]
+                                    [--batch-size 256] [--steps 20] [--workers 8]
+
+Both paths train the same student (U-REPA: backbone + projector, L_v + lambda (L_REPA +
+w L_ML)) with AdamW at the same batch, in one run:
+
+  cached  the trainer's path: CacheLoader streams moments + teacher tokens + labels from
+          a zarr cache; z = (mean + std eps) * 0.18215 on the device; no teacher anywhere
+  online  REPA's path: a DataLoader decodes the 256 px PNGs REPA's dataset tool writes
+          (plus the stored latent), and every step runs the frozen DINOv2 on the images
+          (/255, ImageNet mean/std, bicubic 224, fp16/bf16 autocast, no grad)
+
+and prints images/s, steps/s and the data-wait fraction of each, the cached/online ratio,
+and on a GPU the model-FLOPs utilisation of the cached path (3x forward FLOPs of the
+student, counted by torch's FlopCounterMode, over the GPU's dense bf16 peak). Weights are
+random: the speed of a network does not depend on its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache  # noqa: E402
+from cache.synthetic import write_synthetic_cache  # noqa: E402
+from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher,  # noqa: E402
+                               teacher_input_size, token_grid)
+from train.config import AlignConfig  # noqa: E402
+from train.models import build_model  # noqa: E402
+from train.step import Student  # noqa: E402
+
+PEAK_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}  # dense TFLOP/s
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_pngs(root: Path, n: int, size: int) -> list[Path]:
+    """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts)."""
+    from PIL import Image
+    files = [root / f"{i:06d}.png" for i in range(n)]
+    if not (root / f".{n}").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for f in files:  # smooth noise, so PNG compresses like a photo, roughly
+            small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC).save(f)
+        (root / f".{n}").touch()
+    return files
+
+
+class PngLatents(torch.utils.data.Dataset):
+    """What REPA's training dataset returns: the decoded image, the stored latent moments
+    (here read from the cache) and the label."""
+
+    def __init__(self, files: list[Path], cache: Path):
+        self.files, self.cache = files, cache
+        self.ds = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        if self.ds is None:
+            self.ds = open_cache(self.cache)
+        img = np.asarray(Image.open(self.files[i]).convert("RGB"))
+        row = self.ds.gather(np.array([i]), ["moments", "label"])
+        return (torch.from_numpy(img.copy()), torch.from_numpy(row["moments"][0, 0]),
+                int(row["label"][0]))
+
+
+def teacher_tokens(teacher, images: torch.Tensor, size: int, dtype) -> torch.Tensor:
+    """REPA's online teacher: uint8 [B, R, R, 3] -> final-norm patch tokens [B, T, D]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype,
+                                         enabled=dtype != torch.float32):
+        feats = teacher.forward_features(x)
+    return feats[:, getattr(teacher, "num_prefix_tokens", 1):].float()
+
+
+def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) -> dict:
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    sync()
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        tw = time.perf_counter()
+        b = next(it)
+        wait += time.perf_counter() - tw
+        step(b)
+    sync()
+    dt = time.perf_counter() - t0
+    r = {"img_s": n_steps * batch_size / dt, "steps_s": n_steps / dt, "wait": wait / dt}
+    print(f"{name:7s} {r['img_s']:9.1f} img/s  {r['steps_s']:7.3f} steps/s  "
+          f"data wait {100 * r['wait']:5.1f}% of step time")
+    return r
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sit-down-b/2")
+    p.add_argument("--teacher", default="dinov2-b", choices=sorted(TEACHERS))
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 GPU, 4 CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="loader processes (default 8/1)")
+    p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "urepa-bench")
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    bs = args.batch_size or (256 if cuda else 4)
+    n_steps = args.steps or (20 if cuda else 3)
+    workers = args.workers if args.workers is not None else (8 if cuda else 1)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{torch.cuda.get_device_name() if cuda else 'no GPU'}, torch {torch.__version__}; "
+          f"{args.arch} + {args.teacher} teacher, {args.resolution} px, batch {bs}, "
+          f"{precision}, {workers} loader worker(s){', compiled' if args.compile else ''}")
+
+    teacher = build_teacher(args.teacher, resolution=args.resolution, random_weights=True)
+    g, dim = token_grid(args.resolution), teacher.embed_dim
+    n = max(4 * bs, 64)
+    spec = CacheSpec(num_samples=n, shard_size=min(n, 1024), latent_size=args.resolution // 8,
+                     tokens=g * g, token_dim=dim)
+    cache = args.dir / f"train-cache-{n}-{args.resolution}-{dim}"
+    if not (cache / "manifest.json").exists() or open_cache(cache).spec != spec:
+        shutil.rmtree(cache, ignore_errors=True)
+        write_synthetic_cache(cache, spec)
+    files = make_pngs(args.dir / f"png-{n}-{args.resolution}", n, args.resolution)
+
+    def new_student() -> tuple[Student, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = build_model(args.arch, latent_size=args.resolution // 8)
+        s = Student(net, AlignConfig(teacher_dim=dim), latent_scale=0.18215).to(device)
+        if args.compile:
+            s.net.compile()
+        return s, torch.optim.AdamW(s.parameters(), lr=1e-4)
+
+    def make_step(student, opt):
+        def step(batch):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = student(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    # ---- cached: the trainer's loader, teacher tokens from the cache
+    student, opt = new_student()
+    loader = CacheLoader(cache, LoaderConfig(batch_size=bs, shuffle_buffer=2 * bs,
+                                             num_workers=workers))
+
+    def cached_batches():
+        for b in forever(loader):
+            yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    cached = run("cached", cached_batches(), make_step(student, opt), n_steps, args.warmup, bs)
+
+    # ---- online: decoded PNGs + the frozen teacher every step (REPA)
+    student, opt = new_student()
+    teacher = teacher.to(device)
+    size = teacher_input_size(args.resolution)
+    dl = torch.utils.data.DataLoader(PngLatents(files, cache), batch_size=bs, shuffle=True,
+                                     num_workers=workers, drop_last=True, pin_memory=cuda,
+                                     persistent_workers=workers > 0)
+    train_step = make_step(student, opt)
+
+    def online_batches():
+        for img, moments, label in forever(dl):
+            yield img.to(device, non_blocking=True), moments.to(device), label.to(device)
+
+    def online_step(b):
+        img, moments, label = b
+        train_step({"moments": moments, "label": label,
+                    "tokens": teacher_tokens(teacher, img, size, dtype)})
+    online = run("online", online_batches(), online_step, n_steps, args.warmup, bs)
+
+    print(f"cached/online: {cached['img_s'] / online['img_s']:.2f}x images/s")
+    with torch.device("meta"):
+        s_meta = Student(build_model(args.arch, latent_size=args.resolution // 8),
+                         AlignConfig(teacher_dim=dim), latent_scale=0.18215)
+        batch = {"moments": torch.randn(1, 8, args.resolution // 8, args.resolution // 8),
+                 "label": torch.zeros(1, dtype=torch.long), "tokens": torch.randn(1, g * g, dim)}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        s_meta(batch)
+    train_flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward
+    achieved = train_flops * cached["img_s"] / 1e12
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()),
+                None)
+    print(f"student training FLOPs/image {train_flops / 1e9:.1f} G -> {achieved:.1f} TFLOP/s"
+          + (f", MFU {100 * achieved / peak:.1f}% of {peak} bf16 peak" if peak else ""))
+
+
+if __name__ == "__main__":
+    main()
