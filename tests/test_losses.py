@@ -47,3 +47,16 @@ def test_manifold_loss_gradients_match():
     g1, = torch.autograd.grad(manifold_loss(h, y), h)
     g2, = torch.autograd.grad(manifold_loss_naive(h, y), h)
     torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-7)
+
+
+def test_manifold_loss_stays_fp32_under_bf16_autocast():
+    """Near convergence the three D x D terms nearly cancel: bf16 products would make the
+    loss ~10x too large. The loss must equal its fp32 value inside an autocast region."""
+    torch.manual_seed(0)
+    y = torch.randn(4, 64, 32) + 3 * torch.randn(1, 1, 32)            # correlated tokens
+    h = y + 0.1 * torch.randn_like(y)                                   # student ~ teacher
+    exact = manifold_loss_naive(h, y).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = manifold_loss(h, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, rtol=1e-2, atol=0)

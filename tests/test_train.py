@@ -145,6 +145,8 @@ def test_tiny_run_learns_and_resumes_exactly(cache, tmp_path):
 
     train(tiny(cache, b, "max_steps=17"), log=lambda _: None)     # "interrupted" at 17
     (b / "checkpoints" / ".tmp_step_00000018").mkdir()            # a save killed midway
+    with (b / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 18, "loss": 0.')                         # a line cut by the kill
     msgs = []
     train(tiny(cache, b, "max_steps=30"), log=msgs.append)         # rerun: resumes
     assert any("resumed from" in m and "step_00000017" in m for m in msgs)
@@ -166,6 +168,14 @@ def test_resume_refuses_a_changed_recipe(cache, tmp_path):
     with pytest.raises(ConfigError, match=r"optim.lr: saved 0.001 vs now 0.002"):
         train(tiny(cache, tmp_path, "max_steps=3", "optim.lr=2e-3"), log=lambda _: None)
     train(tiny(cache, tmp_path, "max_steps=3", "log_every=2"), log=lambda _: None)  # allowed
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(tiny(cache, tmp_path, "max_steps=1", "tensorboard=true"), log=lambda _: None)
 
 
 def test_accumulation_and_plain_sit(cache, tmp_path):

@@ -11,6 +11,7 @@ Defaults are the U-REPA / REPA recipe (methods.md sections 3-4).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise _bad("model", "arch", self.arch, f"choose one of {sorted(ARCHS)}")
-        if not 0 <= self.label_dropout < 1:
+        if not 0 <= self.label_dropout < 1:  # also false for NaN
             raise _bad("model", "label_dropout", self.label_dropout, "must be in [0, 1)")
         for name in ("latent_size", "in_channels", "num_classes"):
             if getattr(self, name) < 1:
@@ -75,8 +76,12 @@ class AlignConfig:
         if self.depth is not None and self.depth < 1:
             raise _bad("align", "depth", self.depth, "blocks are counted from 1")
         for name in ("weight", "manifold_weight"):
-            if getattr(self, name) < 0:
-                raise _bad("align", name, getattr(self, name), "must be >= 0")
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise _bad("align", name, v, "must be a finite number >= 0")
+        for name in ("projector_dim", "teacher_dim"):
+            if getattr(self, name) < 1:
+                raise _bad("align", name, getattr(self, name), "must be >= 1")
 
 
 @dataclass
@@ -107,8 +112,12 @@ class OptimConfig:
     ema_decay: float = 0.9999        # EMA of the weights after every step (sampling uses it)
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise _bad("optim", "lr", self.lr, "must be > 0")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise _bad("optim", name, v, "must be a finite number > 0")
+        if not (math.isfinite(self.grad_clip) and math.isfinite(self.weight_decay)):
+            raise ConfigError("optim.grad_clip and optim.weight_decay must be finite")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise _bad("optim", "betas", self.betas, "two numbers in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -142,6 +151,8 @@ class TrainConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise _bad("", name, getattr(self, name), "must be >= 1")
+        if self.seed < 0:
+            raise _bad("", "seed", self.seed, "must be >= 0")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise _bad("", "micro_batch_size", self.micro_batch_size, "must be >= 1")
         if str(self.mixed_precision).lower() in ("false", "fp32", "none"):
@@ -167,7 +178,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = {
     "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
     "tensorboard", "progress", "data.cache", "data.num_workers", "data.backend",
-    "model.compile", "model.checkpointing",
+    "model.checkpointing",  # recomputes the same values; compile changes numerics
 }
 
 

@@ -10,14 +10,17 @@
       nonfinite-step_N.json    written instead of a checkpoint when a loss turns NaN/Inf
 
 Rerunning `train run` on the same run directory resumes from the newest checkpoint and
-continues the exact same trajectory: the data order is a function of (seed, epoch, rank)
-and the position, and every random draw of a step comes from the restored RNG states.
+continues the same trajectory (bit-exactly on CPU; GPU kernels are not deterministic):
+the data order is a function of (seed, epoch, rank) and the position, and every random
+draw of a step comes from the restored RNG states. The run directory must be on a
+filesystem that every node sees.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -116,8 +119,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     """After a resume from `step`, drop lines logged past it (they will be logged again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-            and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, AttributeError):
+            pass  # a line cut short by a crash
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
@@ -125,7 +133,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.run_dir).absolute()
@@ -137,8 +145,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=true needs the tensorboard package: "
+                          "pip install tensorboard (or set tensorboard=false)")
+    # the only buffers are constant positions: no need to broadcast them every forward
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
-                      log_with="tensorboard" if cfg.tensorboard else None)
+                      log_with="tensorboard" if cfg.tensorboard else None,
+                      kwargs_handlers=[ddp])
     main = acc.is_main_process
     say = log if main else (lambda _msg: None)
     if main:
@@ -176,14 +190,27 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     if main:  # an interrupted save leaves a .tmp directory: never a checkpoint
         for stale in (run_dir / "checkpoints").glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
-    if found:
-        acc.load_state(str(found[-1]))
-        say(f"resumed from {found[-1]} (step {state.step})")
+    # every rank must resume from the same checkpoint: the main process decides
+    choice = broadcast_object_list([found[-1].name if found else None])[0]
+    mine = found[-1].name if found else None
+    if mine != choice:
+        raise ConfigError(f"process {acc.process_index} sees checkpoint {mine} in {run_dir}, "
+                          f"the main process {choice}: run_dir must be on a filesystem "
+                          "shared by every node")
+    if choice:
+        ckpt = run_dir / "checkpoints" / choice
+        rng = ckpt / f"random_states_{acc.process_index}.pkl"
+        if not rng.exists():  # accelerate would go on without restoring the RNG
+            raise ConfigError(f"{ckpt} has no RNG state for process {acc.process_index}: it "
+                              "was written by fewer processes; resume with the same number")
+        acc.load_state(str(ckpt))
+        say(f"resumed from {ckpt} (step {state.step})")
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         _trim_metrics(metrics_path, state.step)
-    if cfg.tensorboard:
-        acc.init_trackers("train", config=flatten(cfg))
+    if cfg.tensorboard:  # hparams take scalars and strings only
+        acc.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool))
+                                           else str(v) for k, v in flatten(cfg).items()})
 
     inner = acc.unwrap_model(student).net
     params = [p for p in student.parameters() if p.requires_grad]
@@ -234,7 +261,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
             n = window["steps"]
             elapsed = time.perf_counter() - window["t0"]
             last = {"step": state.step, "epoch": loader.epoch,
-                    **{k: v / n for k, v in terms_sum.items()}, "lr": o.lr,
+                    **{k: _num(v / n) for k, v in terms_sum.items()}, "lr": o.lr,
                     "steps_per_s": n / elapsed, "img_per_s": n * cfg.batch_size / elapsed,
                     "data_wait": window["wait"] / max(window["time"], 1e-9),
                     "time": time.time()}
@@ -258,13 +285,16 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     return last
 
 
+def _num(v: float) -> float | str:
+    """Strict JSON has no NaN/Infinity (an fp16 step the scaler skipped has an inf norm)."""
+    return v if math.isfinite(v) else str(v)
+
+
 def _stop_nonfinite(acc, run_dir: Path, step: int, terms: dict[str, float], grad_norm: float,
                     lr: float, indices: list[int], say) -> None:
     found = checkpoints(run_dir)
-    def num(v: float) -> float | str:  # strict JSON has no NaN/Infinity
-        return v if math.isfinite(v) else str(v)
-    info = {"step": step, "terms": {k: num(v) for k, v in terms.items()},
-            "grad_norm": num(grad_norm), "lr": lr,
+    info = {"step": step, "terms": {k: _num(v) for k, v in terms.items()},
+            "grad_norm": _num(grad_norm), "lr": lr,
             "sample_indices_main_process": indices,
             "last_checkpoint": str(found[-1]) if found else None}
     if acc.is_main_process:

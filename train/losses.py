@@ -38,14 +38,17 @@ def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, pooled: bool = False) -> 
     ||Y Y^T - H H^T||_F^2 = ||Y^T Y||_F^2 - 2 ||Y^T H||_F^2 + ||H^T H||_F^2, three D x D
     products in fp32, exact up to rounding and 27x fewer FLOPs than the pairs at D = 768.
     """
-    if pooled:
-        h, y = h.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
-    hn = F.normalize(h.float().flatten(0, 1), dim=-1)                     # [B*N, D]
-    yn = F.normalize(y.float().flatten(0, 1), dim=-1)                     # [B*N, D]
-    m = hn.shape[0]
-    total = ((yn.T @ yn).pow(2).sum() - 2 * (yn.T @ hn).pow(2).sum()
-             + (hn.T @ hn).pow(2).sum())
-    return total.clamp_min(0) / (m * m)
+    # fp32 even inside a bf16 autocast region: the three terms nearly cancel once the
+    # student is close to the teacher, and bf16 products would swamp the difference
+    with torch.autocast(h.device.type, enabled=False):
+        if pooled:
+            h, y = h.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
+        hn = F.normalize(h.float().flatten(0, 1), dim=-1)                 # [B*N, D]
+        yn = F.normalize(y.float().flatten(0, 1), dim=-1)                 # [B*N, D]
+        m = hn.shape[0]
+        total = ((yn.T @ yn).pow(2).sum() - 2 * (yn.T @ hn).pow(2).sum()
+                 + (hn.T @ hn).pow(2).sum())
+        return total.clamp_min(0) / (m * m)
 
 
 def manifold_loss_naive(h: torch.Tensor, y: torch.Tensor, *, pooled: bool = False
