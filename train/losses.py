@@ -40,7 +40,8 @@ def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, pooled: bool = False) -> 
     """
     # fp32 even inside a bf16 autocast region: the three terms nearly cancel once the
     # student is close to the teacher, and bf16 products would swamp the difference
-    with torch.autocast(h.device.type, enabled=False):
+    device = h.device.type if h.device.type != "meta" else "cpu"  # meta: FLOP counting
+    with torch.autocast(device, enabled=False):
         if pooled:
             h, y = h.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
         hn = F.normalize(h.float().flatten(0, 1), dim=-1)                 # [B*N, D]
