@@ -133,11 +133,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.run_dir).absolute()
-    world = PartialState().num_processes
+    # without a GPU, accelerate starts torch.distributed (gloo) only when told cpu=True
+    cpu = not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
     micro, accum = cfg.accumulation(world)
     ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
     check = check_cache(ds, cfg)
@@ -148,11 +150,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tensorboard=true needs the tensorboard package: "
                           "pip install tensorboard (or set tensorboard=false)")
-    # the only buffers are constant positions: no need to broadcast them every forward
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
-                      log_with="tensorboard" if cfg.tensorboard else None,
-                      kwargs_handlers=[ddp])
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
+                      log_with="tensorboard" if cfg.tensorboard else None)
     main = acc.is_main_process
     say = log if main else (lambda _msg: None)
     if main:
@@ -282,7 +281,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
                 (bar.write if cfg.progress else log)(f"checkpoint {path}")
     bar.close()
     acc.end_training()
-    return last
+    return last if main else {}
 
 
 def _num(v: float) -> float | str:
