@@ -2,6 +2,7 @@
 down, exact resume, refusal of a changed config, the NaN stop, the no-teacher guarantee."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,27 @@ print("RC", rc, "IMPORTED", bad)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert "RC 0 IMPORTED []" in out.stdout, out.stdout + out.stderr
+
+
+def test_two_processes_train_and_resume_with_torchrun(cache, tmp_path):
+    """DDP on CPU (gloo): 2 ranks x micro-batch 4 x 2 accumulation = global batch 16,
+    one checkpoint with both ranks' RNG states, then a resume. (Issue 6 checks the
+    numerics against one process.)"""
+    def launch(steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "train.cli", "run",
+               str(ROOT / "configs/demo.yaml"), f"run_dir={tmp_path}", f"data.cache={cache}",
+               "model.latent_size=8", "align.teacher_dim=32", "batch_size=16",
+               "micro_batch_size=4", "data.shuffle_buffer=8", f"max_steps={steps}",
+               "checkpoint_every=2", "log_every=1", "progress=false"]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = launch(2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es) x 4 x 2 accumulation" in out.stdout
+    assert out.stdout.count("done: step 2") == 1                   # the main process reports
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    out = launch(4)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout and [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
