@@ -124,6 +124,26 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))          # [B, N, p*p*C]
 
 
+def initialize_sit_weights(model: nn.Module) -> None:
+    """SiT's initialisation (also SiT-down's): Xavier-uniform linears, and convs as
+    linears, with zero bias; label table and timestep MLP N(0, 0.02); every adaLN output
+    and the final projection zero, so each block starts as the identity and the model
+    starts by predicting v = 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(model.y_embedder.table.weight, std=0.02)
+    for layer in (model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
+        nn.init.normal_(layer.weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class SiT(nn.Module):
     def __init__(self, *, depth: int, dim: int, heads: int, patch: int = 2,
                  latent_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -143,25 +163,7 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform linears with zero bias; patch conv like a linear; label table and
-        timestep MLP N(0, 0.02); every adaLN output and the final projection zero, so each
-        block starts as the identity and the model starts by predicting v = 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        initialize_sit_weights(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return unpatchify(x, self.patch, self.in_channels, self.grid)

@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .sit import FinalLayer, LabelEmbedder, TimestepEmbedder, modulate, unpatchify
+from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_sit_weights,
+                  modulate, unpatchify)
 
 
 def rope_2d(head_dim: int, grid: int, *, stride: float = 1.0, offset: float = 0.0,
@@ -166,21 +167,7 @@ class SiTDown(nn.Module):
         return self.stages[0] + math.ceil(self.stages[1] / 2)
 
     def initialize_weights(self) -> None:
-        """As SiT: Xavier-uniform linears and convs (as linears) with zero bias; label table
-        and timestep MLP N(0, 0.02); adaLN outputs and the final projection zero."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        initialize_sit_weights(self)  # SiT's, convs initialised like linears
 
     def _run(self, block: SiTDownBlock, h, c, cos, sin) -> torch.Tensor:
         if self.checkpointing and self.training:
