@@ -139,11 +139,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     run_dir = Path(cfg.run_dir).absolute()
     # without a GPU, accelerate starts torch.distributed (gloo) only when told cpu=True
     cpu = not torch.cuda.is_available()
-    world = PartialState(cpu=cpu).num_processes
+    dist = PartialState(cpu=cpu)
+    world = dist.num_processes
     micro, accum = cfg.accumulation(world)
     ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
     check = check_cache(ds, cfg)
     _check_resume_config(run_dir, cfg)
+    dist.wait_for_everyone()  # every rank compares with the old config.yaml before it is rewritten
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
