@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import peak_tflops, sync  # noqa: E402
 from pipeline.demo_data import demo_image  # noqa: E402
 from pipeline.encoders import Encoder, build_teacher, build_vae  # noqa: E402
 from pipeline.job import EncodeConfig, run_encode  # noqa: E402
@@ -38,8 +39,6 @@ from pipeline.preprocess import decode_items  # noqa: E402
 from pipeline.sources import list_source  # noqa: E402
 
 GFLOPS_PER_IMAGE = {"real": 272.7 + 46.3}
-# dense bf16 peak, TFLOP/s (vendor datasheets, SXM parts)
-PEAK_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 MODELS = {"real": ("stabilityai/sd-vae-ft-mse", "dinov2-b"), "tiny": ("tiny", "dinov2-tiny")}
 
 
@@ -58,18 +57,6 @@ def make_jpegs(root: Path, n: int) -> Path:
         img.save(d / f"{i:06d}.JPEG", quality=90)
     done.touch()
     return root
-
-
-def peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -30,26 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import peak_tflops, sync  # noqa: E402
 from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher,  # noqa: E402
-                               teacher_input_size, token_grid)
+                               teacher_input_size, teacher_pixels, token_grid)
 from train.config import AlignConfig  # noqa: E402
 from train.models import build_model  # noqa: E402
 from train.step import Student  # noqa: E402
-
-PEAK_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}  # dense TFLOP/s
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def make_pngs(root: Path, n: int, size: int) -> list[Path]:
     """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts)."""
@@ -91,8 +83,7 @@ def teacher_tokens(teacher, images: torch.Tensor, size: int, dtype) -> torch.Ten
     """REPA's online teacher: uint8 [B, R, R, 3] -> final-norm patch tokens [B, T, D]."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    x = teacher_pixels(images.permute(0, 3, 1, 2).float(), mean, std, size)
     with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype,
                                          enabled=dtype != torch.float32):
         feats = teacher.forward_features(x)
@@ -222,8 +213,7 @@ def main() -> None:
         s_meta(batch)
     train_flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward
     achieved = train_flops * cached["img_s"] / 1e12
-    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()),
-                None)
+    peak = peak_tflops()
     print(f"student training FLOPs/image {train_flops / 1e9:.1f} G -> {achieved:.1f} TFLOP/s"
           + (f", MFU {100 * achieved / peak:.1f}% of {peak} bf16 peak" if peak else ""))
 

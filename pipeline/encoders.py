@@ -219,6 +219,15 @@ def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
     return model.eval().requires_grad_(False)
 
 
+def teacher_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   size: int) -> torch.Tensor:
+    """REPA's teacher input: float pixels [B, 3, R, R] in 0..255 -> / 255, ImageNet
+    mean/std ([1, 3, 1, 1] tensors), bicubic resize to size x size (no antialias)."""
+    t = (x / 255.0 - mean) / std
+    return F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False,
+                         antialias=False)
+
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -267,9 +276,7 @@ class Encoder:
             h = self.vae.quant_conv(h.float())
         post = DiagonalGaussianDistribution(h.float())
         moments = torch.cat([post.mean, post.std], dim=1)                # [B, 2C, R/8, R/8]
-        t = (x / 255.0 - self.mean) / self.std
-        t = F.interpolate(t, size=(self.teacher_size,) * 2, mode="bicubic",
-                          align_corners=False, antialias=False)         # [B, 3, 224, 224]
+        t = teacher_pixels(x, self.mean, self.std, self.teacher_size)    # [B, 3, 224, 224]
         with self._autocast():
             feats = self._teacher_fwd(t.contiguous())                    # [B, 1+reg+T, D]
         feats = feats.float()
