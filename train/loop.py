@@ -229,9 +229,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         wait, sums, indices = 0.0, {}, []
         for k in range(accum):
             t_wait = time.perf_counter()
-            batch = {name: v.to(acc.device, non_blocking=True) for name, v in next(batches).items()}
+            batch = next(batches)
+            indices.append(batch.pop(INDEX))                  # diagnostics only: stays on host
+            batch = {name: v.to(acc.device, non_blocking=True) for name, v in batch.items()}
             wait += time.perf_counter() - t_wait
-            indices.append(batch.pop(INDEX))
             sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)
             with sync:
                 out = student(batch)
