@@ -264,6 +264,21 @@ def read_done_marker(root: str | os.PathLike, backend: str, shard: int) -> dict 
         return None
 
 
+def state_sha256(state: dict[str, Any]) -> str:
+    """Hash of a torch state dict (names, dtypes, shapes, bytes): the identity of a model's
+    weights whatever file or hub revision they came from, recorded in the manifest so the
+    trainer's side can check it holds the same VAE as the encoder."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def latent_channel_stats(sums: np.ndarray, scale: float = LATENT_SCALE) -> dict[str, Any]:
     """Channel statistics of the latent z = mean + std * eps from accumulated sums.
 

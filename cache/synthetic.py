@@ -41,11 +41,13 @@ def synthetic_shard(spec: CacheSpec, shard: int, seed: int = 0) -> dict[str, np.
 
 def write_synthetic_cache(root: str | Path, spec: CacheSpec, *, seed: int = 0,
                           failures: Mapping[int, str] | None = None,
-                          finalize: bool = True) -> Path:
+                          finalize: bool = True,
+                          provenance: Mapping | None = None) -> Path:
     """Write every shard of `spec` with synthetic content. `failures` maps global indices
-    to reasons: those samples are recorded as failed inputs."""
+    to reasons: those samples are recorded as failed inputs. `provenance` adds to the
+    manifest's (e.g. a VAE config, for tests that decode latents)."""
     writer = create_cache(root, spec, {"dataset": "synthetic", "seed": seed,
-                                       "random_weights": True})
+                                       "random_weights": True, **(provenance or {})})
     failures = dict(failures or {})
     for k in writer.pending_shards():
         start, stop = spec.shard_range(k)

@@ -15,7 +15,6 @@ antialias, as timm's loader and REPA do); outputs are the final-norm patch token
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cache.format import state_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,14 +86,8 @@ def teacher_input_size(resolution: int) -> int:
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
-    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes): the
-    identity of the weights whatever file or hub revision they came from."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """The identity of a module's weights (cache.format.state_sha256 of its state dict)."""
+    return state_sha256(module.state_dict())
 
 
 @contextlib.contextmanager

@@ -188,7 +188,10 @@ def make_plan(cfg: EncodeConfig) -> Plan:
         },
         "vae": {"weights_sha256": hashes["vae"], "stored": "posterior mean and std",
                 "latent_channels": int(vae.config.latent_channels),
-                "scaling_factor": float(vae.config.scaling_factor)},
+                "scaling_factor": float(vae.config.scaling_factor),
+                # the decoder of a --random-weights cache is rebuilt from these (train sample)
+                "config": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in vae.config.items() if not k.startswith("_")}},
         "teacher": {"name": cfg.teacher, "timm_arch": tspec.arch, "registers": tspec.registers,
                     "dim": int(teacher.embed_dim), "patch": 14,
                     "input_size": teacher_input_size(cfg.resolution),
@@ -324,6 +327,7 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
             **plan.provenance, "precision": enc.precision,
             "command": {"argv": shlex.join(sys.argv), "data_dir": cfg.data_dir,
                         "vae": cfg.vae, "teacher_weights": cfg.teacher_weights,
+                        "seed": cfg.seed if cfg.random_weights else None,
                         "address": cfg.address, "encoders": f"{enc.size} x {enc.device}",
                         "batch_size": enc.batch_size},
             "host": socket.gethostname()}, latent_scale=plan.provenance["vae"]["scaling_factor"])

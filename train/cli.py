@@ -1,21 +1,18 @@
-"""`train`: run (issue 4); sample, eval and plot arrive with issue 5.
+"""`train`: train from a cache, sample, evaluate, plot.
 
     train run CONFIG.yaml [key=value ...] [--dry-run]
+    train sample RUN_DIR_OR_CHECKPOINT [--num 50000 --cfg 1.65 --mode sde ...] [--out DIR]
+    train eval SAMPLES.npz --ref REFERENCE.npz [--inception PATH]
+    train plot RUN_DIR [--out PNG]
 
-Exit codes: 0 done, 2 bad config or cache (one-line message), 3 non-finite loss.
+Exit codes: 0 done, 2 bad input (one-line message), 3 non-finite loss (run).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-_PLANNED = {
-    "sample": "sample images from a run or checkpoint (issue 5)",
-    "eval": "FID / IS / precision / recall of a samples .npz (issue 5)",
-    "plot": "draw a run's loss and throughput curves (issue 5)",
-}
-
+from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train", description=__doc__,
@@ -26,10 +23,63 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-4 run_dir=runs/x")
     run.add_argument("--dry-run", action="store_true",
                      help="check the config against the cache, print the plan, train nothing")
-    for name, help_ in _PLANNED.items():
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("args", nargs=argparse.REMAINDER)
+    _sample_parser(sub)
+    ev = sub.add_parser("eval", help="FID, IS, precision and recall of a samples .npz")
+    ev.add_argument("samples", help="an .npz with arr_0 uint8 [N, H, W, 3] (train sample)")
+    ev.add_argument("--ref", required=True,
+                    help="reference: an ADM reference batch (mu, sigma[, arr_0]) or an .npz "
+                         "of images, e.g. VIRTUAL_imagenet256_labeled.npz")
+    ev.add_argument("--inception", default=None,
+                    help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
+                         "default $UREPA_INCEPTION_WEIGHTS, then the torch hub cache")
+    ev.add_argument("--random-weights", action="store_true",
+                    help="random-init Inception (smoke tests only: the numbers mean nothing)")
+    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--out", default=None, help="also write the results here as JSON")
+    pl = sub.add_parser("plot", help="draw a run's loss, throughput and data-wait curves")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     return p
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, e.g. 0,0.7") from None
+    return lo, hi
+
+
+def _sample_parser(sub) -> None:
+    from .generate import SampleSettings
+    d = SampleSettings()
+    s = sub.add_parser("sample", help="sample images from a run or checkpoint (EMA weights)",
+                       description="Resumable: rerun the same command to finish an "
+                       "interrupted job. Multi-GPU: accelerate launch -m train.cli sample ...")
+    s.add_argument("source", help="a run directory (its newest checkpoint) or a checkpoint")
+    s.add_argument("--out", default=None,
+                   help="output directory (default RUN_DIR/samples/<step>-<mode>-cfg<cfg>-"
+                        "seed<seed>)")
+    s.add_argument("--num", "--num-samples", dest="num", type=int, default=d.num,
+                   help=f"samples (default {d.num}; under torchrun write --num-samples N or "
+                        "--num=N: torchrun takes --num for its own --numa-binding)")
+    s.add_argument("--cfg", type=float, default=d.cfg,
+                   help="guidance scale; 1 = none (U-REPA: 1.65, REPA: 1.8 with the interval)")
+    s.add_argument("--interval", type=_interval, default=d.interval,
+                   help="guidance only for t in LO,HI (default 0,0.7)")
+    s.add_argument("--mode", choices=("sde", "ode"), default=d.mode)
+    s.add_argument("--steps", type=int, default=None, help="default 250 (sde), 50 (ode)")
+    s.add_argument("--ode-method", choices=("heun", "euler"), default=d.ode_method)
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--weights", choices=("ema", "model"), default=d.weights)
+    s.add_argument("--vae", default=None,
+                   help="decoder: a hub id or local dir, or 'random'; default: the cache's "
+                        "own VAE if it was random-init, else stabilityai/sd-vae-ft-ema")
+    s.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
+    s.add_argument("--grid", type=int, default=d.grid, help="samples in grid.png (0: none)")
+    s.add_argument("--no-npz", dest="npz", action="store_false",
+                   help="PNGs only (no samples.npz)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,13 +111,63 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample(args: argparse.Namespace) -> int:
+    from .generate import SampleError, SampleSettings, generate, resolve_checkpoint
+    from .vae import DecoderError
+    try:
+        s = SampleSettings(num=args.num, cfg=args.cfg, interval=args.interval, mode=args.mode,
+                           steps=args.steps, ode_method=args.ode_method,
+                           batch_size=args.batch_size, seed=args.seed, weights=args.weights,
+                           vae=args.vae, precision=args.precision, grid=args.grid,
+                           npz=args.npz)
+        out = args.out
+        if out is None:
+            ckpt = resolve_checkpoint(args.source)
+            out = ckpt.parent.parent / "samples" / (
+                f"{ckpt.name}-{s.mode}{s.steps}-cfg{s.cfg:g}-seed{s.seed}")
+        summary = generate(args.source, out, s)
+    except (SampleError, DecoderError) as e:
+        print(f"train sample: {e}", file=sys.stderr)
+        return 2
+    if "grid" in summary or "npz" in summary:  # the main process
+        print(f"done: {summary['num']:,} samples in {summary['out']} ({summary['made_here']:,} "
+              f"made by this process in {summary['seconds']:.1f} s)")
+        for key in ("grid", "npz"):
+            if key in summary:
+                print(f"  {key}: {summary[key]}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalError, evaluate_npz
+    try:
+        res = evaluate_npz(args.samples, args.ref, inception=args.inception,
+                           random_weights=args.random_weights, batch_size=args.batch_size)
+    except EvalError as e:
+        print(f"train eval: {e}", file=sys.stderr)
+        return 2
+    for k, v in res.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    if args.out:
+        from cache.format import atomic_write_json
+        atomic_write_json(Path(args.out), res)
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    from .plot import PlotError, plot_run
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except PlotError as e:
+        print(f"train plot: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return run(args)
-    print(f"train {args.command}: not yet implemented ({_PLANNED[args.command]})",
-          file=sys.stderr)
-    return 2
+    return {"run": run, "sample": sample, "eval": evaluate, "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:
     return CacheCheck(scale, warnings, summary)
 
 
+def cache_info(ds: CacheDataset) -> dict:
+    """What sampling needs to know of the cache that trained a model, kept in every
+    checkpoint (the cache itself may be gone by then): its VAE (weights hash, config,
+    hub id or path, random-init seed) and resolution."""
+    prov = ds.manifest.get("provenance", {})
+    command = prov.get("command", {})
+    return {"root": str(ds.root), "random_weights": bool(prov.get("random_weights")),
+            "resolution": prov.get("preprocessing", {}).get("resolution"),
+            "vae": {**prov.get("vae", {}), "name": command.get("vae"),
+                    "seed": command.get("seed")}}
+
+
 def make_loader(ds: CacheDataset, cfg: TrainConfig, micro_batch: int, *, rank: int,
                 world_size: int) -> CacheLoader:
     """Per-rank loader of micro-batches; teacher tokens are read only when aligning."""

@@ -38,7 +38,7 @@ from cache.format import INDEX, atomic_write_bytes
 
 from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
                      load_config, to_yaml)
-from .data import check_cache, make_loader
+from .data import cache_info, check_cache, make_loader
 from .models import build_model
 from .step import Student
 
@@ -215,7 +215,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     inner = acc.unwrap_model(student).net
     params = [p for p in student.parameters() if p.requires_grad]
-    meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale}
+    # what `train sample` reads: the files are accelerate's names for what was registered
+    meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
+            "files": {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"},
+            "cache": cache_info(ds)}
     batches = _batches(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                unit="step", dynamic_ncols=True,

@@ -1,0 +1,292 @@
+"""`train sample`: images from a checkpoint's EMA weights, resumable and split over processes.
+
+    OUT/
+      sample.json            the settings and the checkpoint (a rerun must agree with them)
+      images/000000.png ...  one PNG per sample, each written atomically
+      grid.png               the first --grid samples
+      samples.npz            arr_0 uint8 [N, H, W, 3] and arr_1 int64 labels: the ADM
+                             evaluation layout (guided-diffusion's evaluator reads arr_0)
+
+Sample i belongs to block b = i // batch_size. Block b's initial noise and SDE noise come
+from a generator seeded by (seed, b) and are always drawn for a whole block; labels are
+uniform over the classes from a generator seeded by (seed, b) too. So sample i depends on
+the checkpoint, the settings, the seed, the batch size and the device type, and not on
+the number of processes, on interruptions, or on --num. Process r of W takes blocks
+r, r + W, ...; a block whose PNGs all exist is skipped, which is how a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.format import atomic_file, atomic_write_json
+
+from .loop import checkpoints
+from .models import build_model
+from .sampling import guided, sample_ode, sample_sde
+from .vae import Decoder
+
+MODES = ("sde", "ode")
+ODE_METHODS = ("heun", "euler")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_STEPS = {"sde": 250, "ode": 50}
+# settings a rerun into the same directory may change (the rest fix what sample i is)
+FREE_SETTINGS = {"num", "grid", "npz"}
+
+
+class SampleError(ValueError):
+    """Bad sampling input (no checkpoint, bad settings, a directory of other samples)."""
+
+
+@dataclass
+class SampleSettings:
+    num: int = 50_000
+    cfg: float = 1.0                    # 1: no guidance; U-REPA 1.65, REPA 1.8 (interval)
+    interval: tuple[float, float] = (0.0, 0.7)   # CFG only while lo <= t <= hi
+    mode: str = "sde"                   # sde (every paper number) or ode
+    steps: int | None = None            # None: 250 for sde, 50 for ode
+    ode_method: str = "heun"
+    batch_size: int = 64                # per process
+    seed: int = 0
+    weights: str = "ema"                # ema or model (the raw trained weights)
+    vae: str | None = None              # see train/vae.py: auto, random, hub id or dir
+    precision: str = "fp32"             # the model's autocast: fp32 or bf16
+    grid: int = 64                      # samples in grid.png (0: none)
+    npz: bool = True
+
+    def __post_init__(self) -> None:
+        self.interval = tuple(float(v) for v in self.interval)
+        self.steps = self.steps or DEFAULT_STEPS.get(self.mode)
+        checks = [
+            (self.num >= 1, "num", "must be >= 1"),
+            (math.isfinite(self.cfg) and self.cfg >= 1, "cfg", "must be >= 1"),
+            (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1] <= 1,
+             "interval", "must be LO,HI with 0 <= LO <= HI <= 1"),
+            (self.mode in MODES, "mode", f"choose one of {MODES}"),
+            (self.ode_method in ODE_METHODS, "ode_method", f"choose one of {ODE_METHODS}"),
+            (self.steps is not None and self.steps >= 2, "steps", "must be >= 2"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.seed >= 0, "seed", "must be >= 0"),
+            (self.weights in ("ema", "model"), "weights", "choose ema or model"),
+            (self.precision in PRECISIONS, "precision", f"choose one of {list(PRECISIONS)}"),
+            (self.grid >= 0, "grid", "must be >= 0"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise SampleError(f"{name}={getattr(self, name)!r}: {why}")
+
+
+# ------------------------------------------------------------------------ checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    p = Path(path)
+    if (p / "checkpoint.json").is_file():
+        return p
+    found = checkpoints(p)
+    if found:
+        return found[-1]
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        raise SampleError(f"{p} has no complete checkpoint yet (train longer, or lower "
+                          "checkpoint_every)")
+    raise SampleError(f"{p} is neither a run directory nor a checkpoint (one with "
+                      "checkpoint.json, e.g. RUN_DIR/checkpoints/step_00400000)")
+
+
+def load_generator(ckpt: Path, weights: str = "ema") -> tuple[torch.nn.Module, dict]:
+    """The backbone with its EMA (or raw) weights, in eval mode on the CPU, and the
+    checkpoint's metadata (arch, flat config, latent scale, cache info)."""
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    cfg = meta["config"]
+    files = meta.get("files", {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"})
+    net = build_model(meta["arch"], latent_size=cfg["model.latent_size"],
+                      in_channels=cfg["model.in_channels"],
+                      num_classes=cfg["model.num_classes"])
+    if weights == "ema":
+        state = torch.load(ckpt / files["ema"], map_location="cpu", weights_only=True)
+    else:  # the trained student: strip DDP's "module." and keep the backbone's "net."
+        from safetensors.torch import load_file
+        raw = load_file(ckpt / files["model"])
+        state = {k.removeprefix("module.").removeprefix("net."): v for k, v in raw.items()
+                 if k.removeprefix("module.").startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False), meta
+
+
+# ------------------------------------------------------------------------ sampling
+def block_seed(seed: int, block: int) -> int:
+    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+
+
+def velocity_fn(net: torch.nn.Module, dtype: torch.dtype):
+    """v(x, t, y) of a backbone, autocast to `dtype` on its device, returned in fp32."""
+    def v(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out, _ = net(x, t, y)
+        return out.float()
+    return v
+
+
+@torch.no_grad()
+def sample_block(net: torch.nn.Module, s: SampleSettings, generator: torch.Generator,
+                 shape: tuple[int, int, int, int], num_classes: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of `shape` [n, C, h, w] (scaled, as trained) and their labels; every random
+    draw (labels, then noise, then the SDE's) comes from `generator`."""
+    dev = generator.device
+    labels = torch.randint(num_classes, shape[:1], generator=generator, device=dev)
+    noise = torch.randn(shape, generator=generator, device=dev)
+    v = guided(velocity_fn(net, PRECISIONS[s.precision]), null_label=num_classes,
+               scale=s.cfg, interval=s.interval)
+    if s.mode == "sde":
+        z = sample_sde(v, noise, labels, steps=s.steps, generator=generator)
+    else:
+        z = sample_ode(v, noise, labels, steps=s.steps, method=s.ode_method)
+    return z, labels
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+    with atomic_file(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def save_grid(path: Path, images: torch.Tensor) -> None:
+    """uint8 [N, H, W, 3] -> one PNG, ceil(sqrt(N)) per row (torchvision's make_grid)."""
+    from torchvision.utils import make_grid
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))),
+                     padding=2, pad_value=255)
+    save_png(path, grid.permute(1, 2, 0).numpy())
+
+
+def _image_path(out: Path, i: int) -> Path:
+    return out / "images" / f"{i:06d}.png"
+
+
+def _load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_npz(path: Path, out: Path, num: int, labels: np.ndarray) -> None:
+    """arr_0 uint8 [N, H, W, 3] streamed from the PNGs into the zip (50K 256 px samples
+    are 9.8 GB: never held in memory), arr_1 the labels."""
+    first = _load_png(_image_path(out, 0))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+              "fortran_order": False, "shape": (num, *first.shape)}
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as g:
+            np.lib.format.write_array_header_2_0(g, header)
+            for i in range(num):
+                img = first if i == 0 else _load_png(_image_path(out, i))
+                if img.shape != first.shape:
+                    raise SampleError(f"{_image_path(out, i)} is {img.shape}, not "
+                                      f"{first.shape}")
+                g.write(np.ascontiguousarray(img).tobytes())
+        with zf.open("arr_1.npy", "w") as g:
+            np.lib.format.write_array(g, np.asarray(labels, np.int64))
+
+
+def _check_settings(out: Path, record: dict[str, Any]) -> None:
+    saved_path = out / "sample.json"
+    if not saved_path.exists():
+        if (out / "images").is_dir() and any((out / "images").iterdir()):
+            raise SampleError(f"{out}/images holds samples without a sample.json; use a new "
+                              "--out")
+        return
+    saved = json.loads(saved_path.read_text())
+    diff = sorted(k for k in set(saved) | set(record)
+                  if k not in FREE_SETTINGS and saved.get(k) != record.get(k))
+    if diff:
+        raise SampleError(
+            f"{out} holds samples made with other settings; resuming would mix them:\n  "
+            + "\n  ".join(f"{k}: saved {saved.get(k)!r} vs now {record.get(k)!r}"
+                          for k in diff) + "\nUse a new --out, or restore these values.")
+
+
+def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
+             log=print) -> dict[str, Any]:
+    """Sample s.num images from a run or checkpoint into `out` (resuming what is there).
+    Returns a summary (paths, counts, speed) on the main process."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    ckpt = resolve_checkpoint(source)
+    out = Path(out)
+    net, meta = load_generator(ckpt, s.weights)
+    cfg = meta["config"]
+    num_classes = int(cfg["model.num_classes"])
+    size = int(cfg["model.latent_size"])
+    shape = (s.batch_size, int(cfg["model.in_channels"]), size, size)
+    warnings = []
+    if s.cfg > 1 and float(cfg.get("model.label_dropout", 0.1)) == 0:
+        warnings.append("cfg > 1 with a model trained without label dropout: its null class "
+                        "was never trained, guidance is meaningless")
+    record = {"checkpoint": str(ckpt.absolute()), "step": meta.get("step"),
+              **dataclasses.asdict(s), "interval": list(s.interval)}
+    _check_settings(out, record)        # every process, before the main one rewrites it
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "sample.json", record)
+    state.wait_for_everyone()
+
+    dev = state.device
+    decoder = Decoder(s.vae, meta.get("cache", {}), scale=float(meta["latent_scale"]),
+                      device=dev, dtype=PRECISIONS[s.precision])
+    if state.is_main_process:
+        for w in warnings + decoder.warnings:
+            log(f"WARNING: {w}")
+        log(f"sampling {s.num:,} images from {ckpt} (step {meta.get('step')}, {s.weights} "
+            f"weights, {meta['arch']}): {s.mode} {s.steps} steps, cfg {s.cfg} on "
+            f"t in [{s.interval[0]}, {s.interval[1]}], {state.num_processes} process(es) x "
+            f"batch {s.batch_size}; decoder: {decoder.source}")
+    net.to(dev)
+
+    blocks = math.ceil(s.num / s.batch_size)
+    mine = [b for b in range(state.process_index, blocks, state.num_processes)
+            if not all(_image_path(out, i).exists()
+                       for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.num)))]
+    t0, made = time.perf_counter(), 0
+    for b in tqdm(mine, disable=not state.is_main_process, unit="batch", dynamic_ncols=True):
+        gen = torch.Generator(dev).manual_seed(block_seed(s.seed, b))
+        z, _ = sample_block(net, s, gen, shape, num_classes)
+        n = min(s.batch_size, s.num - b * s.batch_size)   # a last block draws in full too
+        for k, img in enumerate(decoder(z[:n]).numpy()):
+            save_png(_image_path(out, b * s.batch_size + k), img)
+        made += n
+    seconds = time.perf_counter() - t0
+    state.wait_for_everyone()
+    summary = {"out": str(out), "num": s.num, "made_here": made, "seconds": round(seconds, 2)}
+    if not state.is_main_process:
+        return summary
+    if s.grid:
+        g = min(s.grid, s.num)
+        save_grid(out / "grid.png", torch.from_numpy(
+            np.stack([_load_png(_image_path(out, i)) for i in range(g)])))
+        summary["grid"] = str(out / "grid.png")
+    if s.npz:
+        write_npz(out / "samples.npz", out, s.num, all_labels(s, num_classes, str(dev)))
+        summary["npz"] = str(out / "samples.npz")
+    return summary
+
+
+def all_labels(s: SampleSettings, num_classes: int, device: str) -> np.ndarray:
+    """The labels of samples 0..num-1: each block's first draw from its generator."""
+    out = []
+    for b in range(math.ceil(s.num / s.batch_size)):
+        gen = torch.Generator(device).manual_seed(block_seed(s.seed, b))
+        out.append(torch.randint(num_classes, (s.batch_size,), generator=gen,
+                                 device=device).cpu())
+    return torch.cat(out)[: s.num].numpy()
