@@ -1,8 +1,11 @@
-"""Frechet distance between Gaussian fits of Inception features (FID), and the ADM
-reference batches' statistics (methods.md section 5). The Inception network itself
-arrives with `train eval` (issue 5).
+"""The metrics of the ADM evaluation suite on Inception features (methods.md section 5);
+the network is in train/inception.py, the command in train/evaluate.py.
 
-    FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+    FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))      (pool_3 features)
+    IS  = exp E_x KL(p(y|x) || p(y)), averaged over splits of 5000 (as ADM)
+    precision / recall (Kynkaenniemi et al. 2019, k = 3 as ADM): the fraction of samples
+        inside the reference manifold (the union of balls reaching each reference point's
+        3rd nearest reference neighbour), and of references inside the samples' manifold
 
 Tr((S_1 S_2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the
 symmetric PSD matrix S_1^(1/2) S_2 S_1^(1/2) (same spectrum as S_1 S_2), in float64:
@@ -39,7 +42,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     a = _sqrt_psd((s1 + s1.T) / 2)
     m = a @ s2 @ a
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    fid = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    return max(float(fid), 0.0)  # >= 0; rounding can leave -1e-12 for identical inputs
 
 
 def reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -55,3 +59,51 @@ def reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{p} has no {missing} (it has {z.files}); pass a reference "
                              "batch with Inception statistics, or images to compute them")
         return z["mu"], z["sigma"]
+
+
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """Mean over consecutive splits of exp(mean KL(p(y|x) || p(y)))."""
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i:i + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part + 1e-30) - np.log(marginal + 1e-30))).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores))
+
+
+def _kth_radii(feats, k: int, chunk: int):
+    """Squared distance from each point to its k-th nearest other point."""
+    import torch
+    radii = []
+    for i in range(0, len(feats), chunk):
+        d = torch.cdist(feats[i:i + chunk], feats).square()
+        radii.append(d.kthvalue(k + 1, dim=1).values)   # the 1st is the point itself
+    return torch.cat(radii)
+
+
+def _inside(points, centres, radii, chunk: int):
+    import torch
+    hits = []
+    for i in range(0, len(points), chunk):
+        d = torch.cdist(points[i:i + chunk], centres).square()
+        hits.append((d <= radii[None]).any(dim=1))
+    return torch.cat(hits)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     chunk: int = 2048) -> tuple[float, float]:
+    """Improved precision and recall of `fake` features against `real` ones (float64,
+    chunked cdist: 50K x 10K features need no more than chunk x N distances at once)."""
+    import torch
+    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    if min(len(r), len(f)) <= k:
+        raise ValueError(f"precision/recall need more than k={k} points on each side, got "
+                         f"{len(r)} reference and {len(f)} samples")
+    precision = _inside(f, r, _kth_radii(r, k, chunk), chunk).double().mean()
+    recall = _inside(r, f, _kth_radii(f, k, chunk), chunk).double().mean()
+    return float(precision), float(recall)
