@@ -22,9 +22,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the whole path on this machine: images -> pipeline encode (embedded Ray) -> train run ->
+# train sample -> train plot. pipeline.demo writes the overrides that fit its cache.
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
-	$(BIN)/python -m train.cli run configs/demo.yaml
+	$(BIN)/train run configs/demo.yaml $$(cat demo_out/train-overrides)
+	$(BIN)/train sample demo_out/run --num 64 --cfg 1.65 --out demo_out/samples \
+	    $$(cat demo_out/sample-args)
+	$(BIN)/train plot demo_out/run --out demo_out/metrics.png
+	@printf '\nmake demo done. Sample grid: demo_out/samples/grid.png; loss plot: %s\n' \
+	        'demo_out/metrics.png; grids during training: demo_out/run/samples/'
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py

@@ -1,11 +1,11 @@
-"""`make demo`: the embedded default, end to end on this machine.
+"""`make demo`, first half: the embedded default of the encode side on this machine.
 
-Today the demo runs the first half of the product and the contract between the halves:
-it generates the demo image set, runs `pipeline encode` on embedded Ray (real SD-VAE and
+It generates the demo image set, runs `pipeline encode` on embedded Ray (real SD-VAE and
 DINOv2-B weights when they are in the local Hugging Face cache, otherwise small random-init
 models of the same structure, and it says which), inspects and verifies the cache, and
-streams one epoch through the training loader. `train run` (issue 4) and sampling
-(issue 5) join it as they land.
+streams one epoch through the training loader. It writes OUT/train-overrides, the
+`train run configs/demo.yaml` overrides that fit the cache it made; the Makefile then runs
+`train run`, `train sample` and `train plot` (this package never imports `train`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _real_weights_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--out", type=Path, default=Path("demo_out"),
+                   help="everything goes here; the Makefile expects demo_out")
     p.add_argument("--random", action="store_true",
                    help="small random-init models even when real weights are present")
     args = p.parse_args(argv)
@@ -74,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {k: tuple(v.shape) for k, v in batch.items()}
         print(f"      {backend:4s}: {len(loader)} batches, {n / dt:,.0f} samples/s; "
               f"last batch {shapes}")
+    # configs/demo.yaml fits the random-init cache (128 px, 64-wide tokens); real weights
+    # make 256 px latents and DINOv2-B's 768-wide tokens, and decode with the VAE found
+    # locally (ft-mse; the papers decode with ft-ema, which may not be here)
+    decoder = "stabilityai/sd-vae-ft-mse"
+    overrides = f"model.latent_size=32 align.teacher_dim=768 preview.vae={decoder}" if real else ""
+    (args.out / "train-overrides").write_text(overrides + "\n")
+    (args.out / "sample-args").write_text((f"--vae {decoder}" if real else "") + "\n")
     print(f"\ndone. The cache is in {cache}; `pipeline stats {cache}` summarises it; rerunning "
           "the demo resumes it (nothing to do).")
-    print("next (make demo runs it): train run configs/demo.yaml  (train sample joins with "
-          "issue 5)")
+    print(f"next (make demo runs it): train run configs/demo.yaml {overrides}")
     return 0
 
 

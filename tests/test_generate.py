@@ -19,6 +19,7 @@ from train.cli import main as train_main
 from train.config import load_config
 from train.generate import SampleSettings, all_labels
 from train.loop import train
+from train.vae import DecoderError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = CacheSpec(num_samples=32, shard_size=16, latent_size=8, tokens=16, token_dim=32)
@@ -35,14 +36,18 @@ def run_dir(tmp_path_factory):
                       for k, v in TINY_VAE_CONFIG.items()}}
     cache = write_synthetic_cache(tmp / "cache", SPEC, provenance={
         "vae": vae, "command": {"vae": "tiny", "seed": 3}})
-    cfg = load_config(None, [
-        f"run_dir={tmp / 'run'}", f"data.cache={cache}", "data.num_workers=0",
-        "data.shuffle_buffer=16", "model.arch=sit-down-tiny/2", "model.latent_size=8",
-        "align.teacher_dim=32", "align.projector_dim=64",
-        "batch_size=8", "mixed_precision=no", "optim.lr=1e-3", "optim.ema_decay=0.5",
-        "progress=false", "max_steps=6", "checkpoint_every=3"])
-    train(cfg, log=lambda _m: None)
+    train(tiny_config(cache, tmp / "run", "preview.every=3", "preview.num=4",
+                      "preview.steps=3"), log=lambda _m: None)
     return tmp / "run"
+
+
+def tiny_config(cache, run_dir, *extra):
+    return load_config(None, [
+        f"run_dir={run_dir}", f"data.cache={cache}", "data.num_workers=0",
+        "data.shuffle_buffer=16", "model.arch=sit-down-tiny/2", "model.latent_size=8",
+        "align.teacher_dim=32", "align.projector_dim=64", "log_every=1",
+        "batch_size=8", "mixed_precision=no", "optim.lr=1e-3", "optim.ema_decay=0.5",
+        "progress=false", "max_steps=6", "checkpoint_every=3", *extra])
 
 
 def sample(source, out, *extra) -> int:
@@ -119,6 +124,13 @@ def test_sample_errors_are_one_clear_line(run_dir, tmp_path, capsys):
     assert "cfg=0.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample(run_dir, tmp_path / "o", "--interval", "0.7")
+    # a training run whose preview decoder cannot be had stops before its first step
+    cache = load_config(run_dir / "config.yaml").data.cache
+    with pytest.raises(DecoderError, match="cannot load the VAE decoder"):
+        train(tiny_config(cache, tmp_path / "r", "preview.every=2",
+                          f"preview.vae={tmp_path / 'none'}"), log=lambda _m: None)
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any(
+        (tmp_path / "r" / "checkpoints").iterdir())
 
 
 def test_two_processes_make_the_same_samples_as_one(run_dir, tmp_path):
@@ -132,6 +144,17 @@ def test_two_processes_make_the_same_samples_as_one(run_dir, tmp_path):
         subprocess.run(launcher + args + [str(tmp_path / out)], cwd=ROOT, env=env,
                        check=True, capture_output=True, timeout=300)
     assert np.array_equal(images(tmp_path / "one"), images(tmp_path / "two"))
+
+
+def test_preview_grids_leave_the_training_trajectory_alone(run_dir, tmp_path):
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["step_00000003.png", "step_00000006.png"]
+    assert Image.open(run_dir / "samples" / grids[0]).size == (2 * 66 + 2, 2 * 66 + 2)
+    cache = load_config(run_dir / "config.yaml").data.cache
+    train(tiny_config(cache, tmp_path / "plain"), log=lambda _m: None)
+    with_grids = (run_dir / "metrics.jsonl").read_text().splitlines()
+    plain = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(a)["loss"] for a in with_grids] == [json.loads(b)["loss"] for b in plain]
 
 
 def test_plot_draws_the_run_and_reports_a_missing_one(run_dir, tmp_path, capsys):

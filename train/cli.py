@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data import check_cache
     from .loop import NonFiniteLoss, train
+    from .vae import DecoderError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{cfg.max_steps:,} steps of {cfg.batch_size} into {cfg.run_dir}")
             return 0
         last = train(cfg)
-    except (ConfigError, CacheError) as e:
+    except (ConfigError, CacheError, DecoderError) as e:
         print(f"train run: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -127,12 +127,34 @@ class OptimConfig:
 
 
 @dataclass
+class PreviewConfig:
+    """Sample grids of the EMA model during training, to watch a run (not for metrics)."""
+    every: int = 0                   # steps between run_dir/samples/step_N.png; 0: off
+    num: int = 16                    # images per grid, the same noise and labels each time
+    mode: str = "ode"                # ode (Heun) or sde
+    steps: int = 50
+    cfg: float = 1.0                 # guidance scale (interval [0, 0.7] when > 1)
+    vae: Optional[str] = None        # decoder: None = the cache's (train/vae.py), hub id,
+    #                                  local directory, or "random"
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.num < 1 or self.steps < 2:
+            raise ConfigError("preview.every must be >= 0, preview.num >= 1, "
+                              "preview.steps >= 2")
+        if self.mode not in ("ode", "sde"):
+            raise _bad("preview", "mode", self.mode, "choose 'ode' or 'sde'")
+        if not (math.isfinite(self.cfg) and self.cfg >= 1):
+            raise _bad("preview", "cfg", self.cfg, "must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = MISSING           # checkpoints, metrics.jsonl, config.yaml; rerun resumes
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     seed: int = 0                    # model init; rank r trains with seed + r (REPA)
     batch_size: int = 256            # global batch per optimizer step
     micro_batch_size: Optional[int] = None  # per device per forward; None: batch / devices
@@ -179,6 +201,7 @@ RESUMABLE_CHANGES = {
     "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
     "tensorboard", "progress", "data.cache", "data.num_workers", "data.backend",
     "model.checkpointing",  # recomputes the same values; compile changes numerics
+    *(f"preview.{f.name}" for f in dataclasses.fields(PreviewConfig)),  # read-only of the run
 }
 
 

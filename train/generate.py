@@ -168,6 +168,24 @@ def save_grid(path: Path, images: torch.Tensor) -> None:
     save_png(path, grid.permute(1, 2, 0).numpy())
 
 
+class Preview:
+    """The sample grids of `preview.every` during training: the EMA model on one fixed
+    batch of noise and labels (the same every time, so grids compare across steps)."""
+
+    def __init__(self, p, *, cache: dict, latent_scale: float, shape: tuple[int, int, int],
+                 num_classes: int, seed: int, device: torch.device, precision: str):
+        self.settings = SampleSettings(num=p.num, cfg=p.cfg, mode=p.mode, steps=p.steps,
+                                       batch_size=p.num, seed=seed, vae=p.vae,
+                                       precision=precision)
+        self.decoder = Decoder(p.vae, cache, scale=latent_scale, device=device)
+        self.shape, self.num_classes, self.device = (p.num, *shape), num_classes, device
+
+    def __call__(self, net: torch.nn.Module, path: Path) -> None:
+        gen = torch.Generator(self.device).manual_seed(block_seed(self.settings.seed, 0))
+        z, _ = sample_block(net, self.settings, gen, self.shape, self.num_classes)
+        save_grid(path, self.decoder(z))
+
+
 def _image_path(out: Path, i: int) -> Path:
     return out / "images" / f"{i:06d}.png"
 

@@ -8,6 +8,7 @@
                                rank's RNG states (accelerate save_state), renamed into
                                place once complete; the newest keep_checkpoints are kept
       nonfinite-step_N.json    written instead of a checkpoint when a loss turns NaN/Inf
+      samples/step_N.png       EMA sample grids every preview.every steps (when set)
 
 Rerunning `train run` on the same run directory resumes from the newest checkpoint and
 continues the same trajectory (bit-exactly on CPU; GPU kernels are not deterministic):
@@ -186,6 +187,19 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     state = TrainState(loader)
     acc.register_for_checkpointing(ema, state)
 
+    preview = None
+    if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
+        from .generate import Preview
+        preview = Preview(cfg.preview, cache=cache_info(ds), latent_scale=check.latent_scale,
+                          shape=(m.in_channels, m.latent_size, m.latent_size),
+                          num_classes=m.num_classes, seed=cfg.seed, device=acc.device,
+                          precision="bf16" if cfg.mixed_precision == "bf16" else "fp32")
+        for w in preview.decoder.warnings:
+            say(f"WARNING: {w}")
+        say(f"preview grids every {cfg.preview.every} steps in {run_dir / 'samples'}, "
+            f"decoder: {preview.decoder.source}")
+        preview = preview if main else None
+
     set_seed(cfg.seed + acc.process_index)  # REPA: seed + rank for the random draws
     found = checkpoints(run_dir)
     if main:  # an interrupted save leaves a .tmp directory: never a checkpoint
@@ -280,6 +294,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
                         step=state.step)
             terms_sum = {}
             window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
+        if preview and (state.step % cfg.preview.every == 0 or done):
+            preview(ema, run_dir / "samples" / f"step_{state.step:08d}.png")  # own generator
         if state.step % cfg.checkpoint_every == 0 or done:
             path = _save_checkpoint(acc, run_dir, state.step, cfg.keep_checkpoints,
                                     {**meta, "step": state.step})
