@@ -26,7 +26,7 @@ test: $(STAMP)
 # train sample -> train plot. pipeline.demo writes the overrides that fit its cache.
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
-	$(BIN)/train run configs/demo.yaml $$(cat demo_out/train-overrides)
+	$(BIN)/train run configs/demo.yaml preview.every=100 $$(cat demo_out/train-overrides)
 	$(BIN)/train sample demo_out/run --num 64 --cfg 1.65 --out demo_out/samples \
 	    $$(cat demo_out/sample-args)
 	$(BIN)/train plot demo_out/run --out demo_out/metrics.png

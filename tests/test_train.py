@@ -197,7 +197,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(cache, tmp_path, cap
                      f"data.cache={cache}", "model.latent_size=8", "align.teacher_dim=32",
                      "batch_size=8", "data.shuffle_buffer=8", "max_steps=50",
                      "checkpoint_every=1", "optim.lr=1e30", "optim.grad_clip=0",
-                     "progress=false", "preview.every=0"])
+                     "progress=false"])
     assert rc == 3
     err = capsys.readouterr().err
     assert "non-finite value at step" in err and "last good one is" in err
