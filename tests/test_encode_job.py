@@ -183,7 +183,9 @@ def test_killed_job_reruns_to_the_same_cache(ray_local, tmp_path):
     assert 0 < len(done) < 40, f"kill landed outside the job ({len(done)} shards done)"
     assert read_manifest(out)["status"] == "incomplete"
     summary = run_encode(_cfg(out, data, shard_size=2), log=lambda s: None)
-    assert summary["shards_encoded"] == 40 - len(done)
+    # at most the missing shards are redone; fewer when a Ray worker of the killed job
+    # (they notice their raylet's death a moment later) finished one more after the count
+    assert 0 < summary["shards_encoded"] <= 40 - len(done)
     assert _file_hashes(out) == _file_hashes(tmp_path / "ref")
     assert open_cache(out).verify().ok
 
