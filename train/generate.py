@@ -31,7 +31,7 @@ import torch
 
 from cache.format import atomic_file, atomic_write_json
 
-from .loop import checkpoints
+from .loop import CHECKPOINT_FILES, checkpoints
 from .models import build_model
 from .sampling import guided, sample_ode, sample_sde
 from .vae import Decoder
@@ -107,7 +107,7 @@ def load_generator(ckpt: Path, weights: str = "ema") -> tuple[torch.nn.Module, d
     checkpoint's metadata (arch, flat config, latent scale, cache info)."""
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     cfg = meta["config"]
-    files = meta.get("files", {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"})
+    files = meta.get("files", CHECKPOINT_FILES)
     net = build_model(meta["arch"], latent_size=cfg["model.latent_size"],
                       in_channels=cfg["model.in_channels"],
                       num_classes=cfg["model.num_classes"])
@@ -123,8 +123,15 @@ def load_generator(ckpt: Path, weights: str = "ema") -> tuple[torch.nn.Module, d
 
 
 # ------------------------------------------------------------------------ sampling
-def block_seed(seed: int, block: int) -> int:
-    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+def block_generator(seed: int, block: int, device: torch.device | str) -> torch.Generator:
+    """Block b's generator, seeded by SeedSequence([seed, b])."""
+    return torch.Generator(device).manual_seed(
+        int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
+
+
+def draw_labels(generator: torch.Generator, n: int, num_classes: int) -> torch.Tensor:
+    """A block's labels: the first draw from its generator (uniform over the classes)."""
+    return torch.randint(num_classes, (n,), generator=generator, device=generator.device)
 
 
 def velocity_fn(net: torch.nn.Module, dtype: torch.dtype):
@@ -142,9 +149,8 @@ def sample_block(net: torch.nn.Module, s: SampleSettings, generator: torch.Gener
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of `shape` [n, C, h, w] (scaled, as trained) and their labels; every random
     draw (labels, then noise, then the SDE's) comes from `generator`."""
-    dev = generator.device
-    labels = torch.randint(num_classes, shape[:1], generator=generator, device=dev)
-    noise = torch.randn(shape, generator=generator, device=dev)
+    labels = draw_labels(generator, shape[0], num_classes)
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     v = guided(velocity_fn(net, PRECISIONS[s.precision]), null_label=num_classes,
                scale=s.cfg, interval=s.interval)
     if s.mode == "sde":
@@ -181,7 +187,7 @@ class Preview:
         self.shape, self.num_classes, self.device = (p.num, *shape), num_classes, device
 
     def __call__(self, net: torch.nn.Module, path: Path) -> None:
-        gen = torch.Generator(self.device).manual_seed(block_seed(self.settings.seed, 0))
+        gen = block_generator(self.settings.seed, 0, self.device)
         z, _ = sample_block(net, self.settings, gen, self.shape, self.num_classes)
         save_grid(path, self.decoder(z))
 
@@ -278,8 +284,7 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
                        for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.num)))]
     t0, made = time.perf_counter(), 0
     for b in tqdm(mine, disable=not state.is_main_process, unit="batch", dynamic_ncols=True):
-        gen = torch.Generator(dev).manual_seed(block_seed(s.seed, b))
-        z, _ = sample_block(net, s, gen, shape, num_classes)
+        z, _ = sample_block(net, s, block_generator(s.seed, b, dev), shape, num_classes)
         n = min(s.batch_size, s.num - b * s.batch_size)   # a last block draws in full too
         for k, img in enumerate(decoder(z[:n]).numpy()):
             save_png(_image_path(out, b * s.batch_size + k), img)
@@ -301,10 +306,7 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
 
 
 def all_labels(s: SampleSettings, num_classes: int, device: str) -> np.ndarray:
-    """The labels of samples 0..num-1: each block's first draw from its generator."""
-    out = []
-    for b in range(math.ceil(s.num / s.batch_size)):
-        gen = torch.Generator(device).manual_seed(block_seed(s.seed, b))
-        out.append(torch.randint(num_classes, (s.batch_size,), generator=gen,
-                                 device=device).cpu())
+    """The labels of samples 0..num-1, drawn again as sample_block drew them."""
+    out = [draw_labels(block_generator(s.seed, b, device), s.batch_size, num_classes).cpu()
+           for b in range(math.ceil(s.num / s.batch_size))]
     return torch.cat(out)[: s.num].numpy()

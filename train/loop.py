@@ -44,6 +44,9 @@ from .models import build_model
 from .step import Student
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+# accelerate's file names for the prepared model and the first object registered for
+# checkpointing (the EMA), recorded in checkpoint.json for `train sample`
+CHECKPOINT_FILES = {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -185,7 +188,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     ema.to(acc.device)
     loader = make_loader(ds, cfg, micro, rank=acc.process_index, world_size=world)
     state = TrainState(loader)
-    acc.register_for_checkpointing(ema, state)
+    acc.register_for_checkpointing(ema, state)   # order fixes CHECKPOINT_FILES["ema"]
 
     preview = None
     if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
@@ -229,10 +232,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     inner = acc.unwrap_model(student).net
     params = [p for p in student.parameters() if p.requires_grad]
-    # what `train sample` reads: the files are accelerate's names for what was registered
     meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
-            "files": {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"},
-            "cache": cache_info(ds)}
+            "files": CHECKPOINT_FILES, "cache": cache_info(ds)}   # what `train sample` reads
     batches = _batches(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                unit="step", dynamic_ncols=True,

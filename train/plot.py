@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cache.format import atomic_file
+
 LOSS_TERMS = ("loss", "loss_v", "loss_ml")
 
 
@@ -75,9 +77,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     last = rows[-1]
     fig.suptitle(f"{run_dir.name}: step {last['step']:,}, loss {last.get('loss', float('nan')):.4g}"
                  if isinstance(last.get("loss"), (int, float)) else run_dir.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out)
     return out
