@@ -36,6 +36,17 @@ def make_cache(tmp_path):
     return make
 
 
+def tiny_run_config(cache, run_dir, *extra):
+    """A tiny U-REPA training config for 8x8-latent test caches: SiT-down-tiny (4x4 tokens,
+    2x2 middle stage), 32-wide teacher tokens, fp32 on the CPU; `extra` overrides win."""
+    from train.config import load_config
+    return load_config(None, [
+        f"run_dir={run_dir}", f"data.cache={cache}", "data.num_workers=0",
+        "model.arch=sit-down-tiny/2", "model.latent_size=8", "align.teacher_dim=32",
+        "align.projector_dim=64", "mixed_precision=no", "optim.lr=1e-3", "progress=false",
+        "log_every=1", *extra])
+
+
 def expected(spec: CacheSpec, i: int) -> dict:
     """What sample i of a synthetic cache holds, in stored dtypes."""
     s = synthetic_sample(spec, i)

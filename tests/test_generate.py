@@ -14,6 +14,7 @@ from PIL import Image
 
 from cache import CacheSpec
 from cache.synthetic import write_synthetic_cache
+from conftest import tiny_run_config
 from pipeline.encoders import TINY_VAE_CONFIG, build_vae, weights_sha256
 from train.cli import main as train_main
 from train.config import load_config
@@ -42,12 +43,9 @@ def run_dir(tmp_path_factory):
 
 
 def tiny_config(cache, run_dir, *extra):
-    return load_config(None, [
-        f"run_dir={run_dir}", f"data.cache={cache}", "data.num_workers=0",
-        "data.shuffle_buffer=16", "model.arch=sit-down-tiny/2", "model.latent_size=8",
-        "align.teacher_dim=32", "align.projector_dim=64", "log_every=1",
-        "batch_size=8", "mixed_precision=no", "optim.lr=1e-3", "optim.ema_decay=0.5",
-        "progress=false", "max_steps=6", "checkpoint_every=3", *extra])
+    return tiny_run_config(cache, run_dir, "data.shuffle_buffer=16", "batch_size=8",
+                           "optim.ema_decay=0.5", "max_steps=6", "checkpoint_every=3",
+                           *extra)
 
 
 def sample(source, out, *extra) -> int:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from cache import CacheSpec, create_cache, finalize_cache
+from conftest import tiny_run_config
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
 from train.data import check_cache
@@ -47,12 +48,9 @@ def cache(tmp_path_factory):
 
 def tiny(cache, run_dir, *extra):
     """A tiny U-REPA run: SiT-down-tiny on 8x8 latents (4x4 tokens, 2x2 middle stage)."""
-    return load_config(None, [
-        f"run_dir={run_dir}", f"data.cache={cache}", "data.num_workers=0",
-        "data.shuffle_buffer=32", "model.arch=sit-down-tiny/2", "model.latent_size=8",
-        "align.teacher_dim=32", "align.projector_dim=64", "batch_size=16",
-        "mixed_precision=no", "optim.lr=1e-3", "optim.ema_decay=0.9", "progress=false",
-        "log_every=1", "checkpoint_every=5", "keep_checkpoints=2", *extra])
+    return tiny_run_config(cache, run_dir, "data.shuffle_buffer=32", "batch_size=16",
+                           "optim.ema_decay=0.9", "checkpoint_every=5",
+                           "keep_checkpoints=2", *extra)
 
 
 def metrics(run_dir):
