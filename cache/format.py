@@ -31,6 +31,8 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
+from .store import Store
+
 FORMAT_NAME = "urepa-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -219,26 +221,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
 def manifest_path(root: str | os.PathLike) -> Path:
+    """The manifest of a local cache directory."""
     return Path(root) / MANIFEST_NAME
 
 
-def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(root: str | os.PathLike | Store) -> dict[str, Any]:
     """Read and check a manifest: raises NotACacheError or FormatVersionError with the
-    path and what was found."""
-    root = Path(root)
-    if not root.exists():
-        raise NotACacheError(f"{root}: no such directory")
-    path = manifest_path(root)
-    if not path.is_file():
-        raise NotACacheError(f"{root} is not a urepa-cache: it has no {MANIFEST_NAME} "
+    path and what was found. `root` is a directory or an fsspec URL."""
+    try:
+        store = Store.of(root)
+    except ValueError as e:  # an fsspec URL that cannot be opened here
+        raise NotACacheError(str(e)) from e
+    if not store.exists():
+        raise NotACacheError(f"{store}: no such directory")
+    path = f"{store}/{MANIFEST_NAME}"
+    if not store.is_file(MANIFEST_NAME):
+        raise NotACacheError(f"{store} is not a urepa-cache: it has no {MANIFEST_NAME} "
                              "(build one with `pipeline encode ... --out DIR`)")
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        m = json.loads(store.read_bytes(MANIFEST_NAME))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NotACacheError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise NotACacheError(f"{path}: not a {FORMAT_NAME} manifest "
@@ -246,22 +256,35 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     version = m.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FormatVersionError(
-            f"{root}: cache format version {version!r} is newer than this code reads "
+            f"{store}: cache format version {version!r} is newer than this code reads "
             f"({FORMAT_VERSION}); upgrade urepa-cache")
     return m
 
 
+def done_marker_key(backend: str, shard: int) -> str:
+    """The done marker's name relative to the cache root."""
+    return f"{DONE_DIR}/{backend}/{shard:06d}.json"
+
+
 def done_marker_path(root: str | os.PathLike, backend: str, shard: int) -> Path:
-    return Path(root) / DONE_DIR / backend / f"{shard:06d}.json"
+    """The done marker of a local cache directory."""
+    return Path(root) / done_marker_key(backend, shard)
 
 
-def read_done_marker(root: str | os.PathLike, backend: str, shard: int) -> dict | None:
+def read_done_marker(root: str | os.PathLike | Store, backend: str, shard: int
+                     ) -> dict | None:
     """The done marker of a shard, or None if the shard is not (completely) written."""
-    path = done_marker_path(root, backend, shard)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):  # missing, or damaged from outside (writes are atomic)
-        return None
+        return json.loads(Store.of(root).read_bytes(done_marker_key(backend, shard)))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # missing, or damaged from outside (writes are atomic)
+
+
+def done_shards(root: str | os.PathLike | Store, backend: str) -> set[int]:
+    """Shards of `backend` that have a done marker: one listing, not one read per shard
+    (on a remote store, ImageNet's 1,252 markers would be 1,252 requests)."""
+    names = Store.of(root).listdir(f"{DONE_DIR}/{backend}")
+    return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
 
 
 def state_sha256(state: dict[str, Any]) -> str:

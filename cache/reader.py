@@ -12,17 +12,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, FailedSampleError,
-                     IncompleteCacheError, read_done_marker, read_manifest)
+                     IncompleteCacheError, done_shards, read_done_marker, read_manifest)
 from .quant import dequantize_tokens
-from .wds_backend import WdsReader, shard_path
-from .writer import sha256_file
-from .zarr_backend import ZarrReader, ZarrWriter
+from .store import Store
+from .wds_backend import WdsReader
+from .wds_backend import shard_file as wds_shard_file
+from .zarr_backend import ZarrReader
+from .zarr_backend import shard_file as zarr_shard_file
 
 READERS = {"zarr": ZarrReader, "wds": WdsReader}
 
@@ -58,7 +59,7 @@ class VerifyReport:
 
 def open_cache(path: str | os.PathLike, *, allow_partial: bool = False,
                backend: str | None = None) -> CacheDataset:
-    """Open a cache directory. Raises NotACacheError, FormatVersionError, or
+    """Open a cache: a directory or an fsspec URL (s3://bucket/in1k-256). Raises NotACacheError, FormatVersionError, or
     IncompleteCacheError (unless `allow_partial`, which serves the shards that are done).
     `backend` picks zarr or wds when both were written (default: the first written)."""
     return CacheDataset(path, allow_partial=allow_partial, backend=backend)
@@ -67,16 +68,17 @@ def open_cache(path: str | os.PathLike, *, allow_partial: bool = False,
 class CacheDataset:
     def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False,
                  backend: str | None = None):
-        self.root = Path(path)
-        self.manifest = read_manifest(self.root)
+        self.manifest = read_manifest(path)
+        self.store = Store.of(path)
+        self.root = str(self.store)  # as given: a path or a URL
         self.spec = CacheSpec.from_json(self.manifest["spec"])
         self.backend = backend or self.spec.backends[0]
         if self.backend not in self.spec.backends:
             raise ValueError(f"backend {self.backend!r} not in this cache "
                              f"(it has {list(self.spec.backends)})")
         spec = self.spec
-        done = np.array([read_done_marker(self.root, self.backend, k) is not None
-                         for k in range(spec.num_shards)])
+        done_set = done_shards(self.store, self.backend)
+        done = np.array([k in done_set for k in range(spec.num_shards)])
         if self.manifest.get("status") != "complete" or not done.all():
             if not allow_partial:
                 raise IncompleteCacheError(
@@ -87,7 +89,8 @@ class CacheDataset:
         failures = self.manifest.get("failures")
         if failures is None:  # not finalized: the done markers list them
             failures = [f for k in np.flatnonzero(done)
-                        for f in read_done_marker(self.root, self.backend, k)["failures"]]
+                        for f in (read_done_marker(self.store, self.backend, k)
+                                  or {"failures": []})["failures"]]
         self.failures: dict[int, str] = {int(f["index"]): f["reason"] for f in failures}
         available = np.repeat(done, spec.shard_size)[:spec.num_samples]
         available[list(self.failures)] = False
@@ -99,7 +102,7 @@ class CacheDataset:
     def reader(self) -> ZarrReader | WdsReader:
         """Backend reader, opened on first use (so each DataLoader worker opens its own)."""
         if self._reader is None:
-            self._reader = READERS[self.backend](self.root, self.spec)
+            self._reader = READERS[self.backend](self.store, self.spec)
         return self._reader
 
     def __getstate__(self) -> dict:
@@ -198,30 +201,29 @@ class CacheDataset:
         return VerifyReport(problems, len(jobs), samples, nbytes)
 
     def _verify_shard(self, backend: str, shard: int) -> tuple[list[str], int, int]:
-        marker = read_done_marker(self.root, backend, shard)
+        store = self.store
+        marker = read_done_marker(store, backend, shard)
         if marker is None:
             return ["not done (no done marker): rerun the encode job"], 0, 0
         problems, nbytes = [], 0
-        expected = {str(p.relative_to(self.root))
-                    for p in _expected_files(self.root, self.spec, backend, shard)}
+        expected = set(_expected_files(self.spec, backend, shard))
         if set(marker["files"]) != expected:
             problems.append(f"marker lists files {sorted(marker['files'])}, "
                             f"expected {sorted(expected)}")
         for rel, info in marker["files"].items():
-            path = self.root / rel
-            if not path.is_file():
+            if not store.is_file(rel):
                 problems.append(f"missing file {rel}")
                 continue
-            size = path.stat().st_size
+            size = store.size(rel)
             nbytes += size
             if size != info["bytes"]:
                 problems.append(f"{rel}: {size} bytes, expected {info['bytes']} (truncated?)")
-            elif sha256_file(path) != info["sha256"]:
+            elif store.sha256(rel) != info["sha256"]:
                 problems.append(f"{rel}: checksum mismatch (corrupted)")
         if problems:
             return problems, 0, nbytes
         try:
-            data = READERS[backend](self.root, self.spec).read_shard(shard)
+            data = READERS[backend](store, self.spec).read_shard(shard)
         except Exception as e:  # report any decode failure as this shard's problem
             return [f"unreadable: {type(e).__name__}: {e}"], 0, nbytes
         start, stop = self.spec.shard_range(shard)
@@ -260,10 +262,9 @@ class CacheDataset:
         counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
         present = counts[counts > 0]
         # backend directories are named after the backends (zarr/, wds/)
-        disk = {b: sum(p.stat().st_size for p in (self.root / b).rglob("*") if p.is_file())
-                for b in spec.backends}
+        disk = {b: self.store.du(b) for b in spec.backends}
         return {
-            "path": str(self.root),
+            "path": self.root,
             "status": self.manifest.get("status"),
             "num_samples": spec.num_samples,
             "num_valid": self.num_valid,
@@ -280,7 +281,7 @@ class CacheDataset:
         }
 
 
-def _expected_files(root: Path, spec: CacheSpec, backend: str, shard: int) -> list[Path]:
+def _expected_files(spec: CacheSpec, backend: str, shard: int) -> list[str]:
     if backend == "zarr":
-        return [ZarrWriter(root, spec).shard_file(name, shard) for name in spec.fields]
-    return [shard_path(root, shard)]
+        return [zarr_shard_file(spec, name, shard) for name in spec.fields]
+    return [wds_shard_file(shard)]

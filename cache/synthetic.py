@@ -42,10 +42,11 @@ def synthetic_shard(spec: CacheSpec, shard: int, seed: int = 0) -> dict[str, np.
 def write_synthetic_cache(root: str | Path, spec: CacheSpec, *, seed: int = 0,
                           failures: Mapping[int, str] | None = None,
                           finalize: bool = True,
-                          provenance: Mapping | None = None) -> Path:
+                          provenance: Mapping | None = None) -> str | Path:
     """Write every shard of `spec` with synthetic content. `failures` maps global indices
     to reasons: those samples are recorded as failed inputs. `provenance` adds to the
-    manifest's (e.g. a VAE config, for tests that decode latents)."""
+    manifest's (e.g. a VAE config, for tests that decode latents). `root` is a directory
+    or an fsspec URL; it is returned as given."""
     writer = create_cache(root, spec, {"dataset": "synthetic", "seed": seed,
                                        "random_weights": True, **(provenance or {})})
     failures = dict(failures or {})
@@ -55,4 +56,4 @@ def write_synthetic_cache(root: str | Path, spec: CacheSpec, *, seed: int = 0,
         writer.write_shard(k, synthetic_shard(spec, k, seed), local)
     if finalize:
         finalize_cache(root)
-    return Path(root)
+    return root

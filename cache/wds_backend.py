@@ -10,13 +10,18 @@ at encode time are left out of the tar (plain webdataset users never see a place
 the manifest lists them.
 
 Our reader does random access without unpacking: the stdlib `tarfile` gives each member's
-data offset, the tar is memory-mapped and each `.npy` payload is viewed in place.
+data offset, the tar is memory-mapped and each `.npy` payload is viewed in place. A tar on
+a remote store is first fetched whole into a private temporary folder, the first time one
+of its samples is read, and dropped again when more than `remote_shards` are held: as in
+webdataset's own streaming, a shard is the unit of transfer, so train from a remote wds
+cache with `data.block_size` = the shard size (shard shuffle plus the shuffle buffer).
 """
 
 from __future__ import annotations
 
 import io
 import mmap
+import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +29,8 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from .format import INDEX, KEY, LABEL, CacheSpec, atomic_file, remove_stale_tmp
+from .format import INDEX, KEY, LABEL, CacheSpec
+from .store import ShardFiles, Store
 
 DIR = "wds"
 _EXT = {"label": "label.cls", "key": "key.txt"}  # every other field: "<name>.npy"
@@ -34,28 +40,29 @@ def member_ext(name: str) -> str:
     return _EXT.get(name, f"{name}.npy")
 
 
-def shard_path(root: Path, shard: int) -> Path:
-    return Path(root) / DIR / f"shard-{shard:06d}.tar"
+def shard_file(shard: int) -> str:
+    """A shard's tar, relative to the cache root."""
+    return f"{DIR}/shard-{shard:06d}.tar"
 
 
 class WdsWriter:
     name = "wds"
 
-    def __init__(self, root: Path, spec: CacheSpec):
-        self.root, self.spec = Path(root), spec
+    def __init__(self, store: Store, spec: CacheSpec):
+        self.store, self.spec = Store.of(store), spec
 
     def create(self) -> None:
-        (self.root / DIR).mkdir(parents=True, exist_ok=True)
+        self.store.makedirs(DIR)
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray],
-                    failed: set[int] = frozenset()) -> list[Path]:
-        """Write a shard's tar under a temporary name, then rename it into place.
-        `failed` holds the local offsets of samples to leave out."""
+                    failed: set[int] = frozenset()) -> list[str]:
+        """Write a shard's tar atomically (Store.writer). `failed` holds the local offsets
+        of samples to leave out. Returns the file written, relative to the cache root."""
         start, stop = self.spec.shard_range(shard)
-        path = shard_path(self.root, shard)
-        remove_stale_tmp(path)
+        rel = shard_file(shard)
+        self.store.remove_stale_tmp(rel)
         fields = [n for n in self.spec.fields if n != INDEX]
-        with atomic_file(path) as f:
+        with self.store.writer(rel) as f:
             # mtime fixed: the same inputs give a byte-identical tar
             with wds.TarWriter(f, mtime=0.0, user="urepa", group="urepa") as sink:
                 for i in range(stop - start):
@@ -70,7 +77,7 @@ class WdsWriter:
                             value = str(value)
                         sample[member_ext(name)] = value
                     sink.write(sample)
-        return [path]
+        return [rel]
 
 
 class _MappedTar:
@@ -110,18 +117,28 @@ class _MappedTar:
 class WdsReader:
     name = "wds"
 
-    def __init__(self, root: Path, spec: CacheSpec, max_open_shards: int = 512):
-        self.root, self.spec = Path(root), spec
+    def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512,
+                 remote_shards: int | None = None):
+        self.store, self.spec = Store.of(store), spec
         self._tars: dict[int, _MappedTar] = {}
         self._max_open = max_open_shards
+        self._fetched: ShardFiles | None = None
+        if self.store.local_path() is None:  # remote: tars held as local copies
+            self._fetched = ShardFiles(self.store)
+            self._max_open = remote_shards or int(os.environ.get("UREPA_REMOTE_SHARDS", 4))
         self._headers: dict[bytes, tuple[int, np.dtype, tuple[int, ...]]] = {}
 
     def _tar(self, shard: int) -> _MappedTar:
         t = self._tars.get(shard)
         if t is None:
             if len(self._tars) >= self._max_open:
-                self._tars.pop(next(iter(self._tars)))
-            t = self._tars[shard] = _MappedTar(shard_path(self.root, shard))
+                old = next(iter(self._tars))
+                del self._tars[old]
+                if self._fetched:
+                    self._fetched.drop(shard_file(old))
+            rel = shard_file(shard)
+            path = self._fetched.get(rel) if self._fetched else self.store.local_path(rel)
+            t = self._tars[shard] = _MappedTar(path)
         return t
 
     def _npy_layout(self, buf: mmap.mmap, offset: int, size: int
@@ -187,7 +204,7 @@ class WdsReader:
         reference reader used by verify); `index` comes from the member keys."""
         ext_to_field = {member_ext(n): n for n in self.spec.fields if n != INDEX}
         samples: dict[int, dict] = {}
-        with tarfile.open(shard_path(self.root, shard), "r:") as tf:
+        with self.store.open(shard_file(shard)) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
             for m in tf:
                 stem, _, ext = m.name.partition(".")
                 field = ext_to_field.get(ext)

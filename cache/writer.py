@@ -13,20 +13,20 @@ the shard is written again on the next run; a shard that is already done is skip
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .format import (CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
-                     MOMENTS, TOKENS, TOKENS_SCALE, CacheMismatchError, CacheSpec,
-                     IncompleteCacheError, atomic_write_json, done_marker_path,
-                     latent_channel_stats, manifest_path, read_done_marker, read_manifest,
-                     remove_stale_tmp)
+                     MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE, CacheMismatchError,
+                     CacheSpec, IncompleteCacheError, done_marker_key, done_shards, json_bytes,
+                     latent_channel_stats, read_done_marker, read_manifest)
 from .quant import quantize_tokens
+from .store import Store
 from .wds_backend import WdsWriter
 from .zarr_backend import ZarrWriter
 
@@ -51,12 +51,9 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    path = Path(path)
+    return Store(path.parent).sha256(path.name)
 
 
 def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
@@ -65,7 +62,7 @@ def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
             for k in keys if a.get(k) != b.get(k)]
 
 
-def create_cache(root: str | Path, spec: CacheSpec,
+def create_cache(root: str | Path | Store, spec: CacheSpec,
                  provenance: Mapping[str, Any] | None = None, *,
                  latent_scale: float = LATENT_SCALE) -> CacheWriter:
     """Create a cache (manifest with status "incomplete" and all array metadata), or
@@ -74,9 +71,9 @@ def create_cache(root: str | Path, spec: CacheSpec,
 
     `latent_scale` is the VAE's scaling factor that training multiplies latents by
     (0.18215 for SD-VAE; another VAE brings its own, e.g. 0.13025 for SDXL's)."""
-    root = Path(root)
+    root = Store.of(root)
     provenance = dict(provenance or {})
-    if manifest_path(root).exists():
+    if root.is_file(MANIFEST_NAME):
         m = read_manifest(root)
         problems = _diff(m["spec"], spec.to_json())
         problems += _diff(m.get("provenance", {}), provenance, ignore=VOLATILE_PROVENANCE)
@@ -85,7 +82,7 @@ def create_cache(root: str | Path, spec: CacheSpec,
                 f"{root} already holds a cache built with other parameters; use a new "
                 "--out directory or the original parameters:\n  " + "\n  ".join(problems))
     else:
-        root.mkdir(parents=True, exist_ok=True)
+        root.makedirs()
         for backend in spec.backends:
             WRITERS[backend](root, spec).create()
         manifest = {
@@ -103,24 +100,26 @@ def create_cache(root: str | Path, spec: CacheSpec,
                                         if spec.token_dtype == "int8" else None)},
             "provenance": {**provenance, "created": _now(), "software": software_versions()},
         }
-        atomic_write_json(manifest_path(root), manifest)
+        root.write_bytes(MANIFEST_NAME, json_bytes(manifest))
     return CacheWriter(root)
 
 
 class CacheWriter:
     """Writes shards of an existing (created) cache. Cheap to construct in every worker."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+    def __init__(self, root: str | Path | Store):
+        self.store = Store.of(root)
+        self.manifest = read_manifest(self.store)
         self.spec = CacheSpec.from_json(self.manifest["spec"])
-        self._writers = {b: WRITERS[b](self.root, self.spec) for b in self.spec.backends}
+        self._writers = {b: WRITERS[b](self.store, self.spec) for b in self.spec.backends}
 
     def is_done(self, shard: int) -> bool:
-        return all(read_done_marker(self.root, b, shard) is not None for b in self.spec.backends)
+        return all(read_done_marker(self.store, b, shard) is not None
+                   for b in self.spec.backends)
 
     def pending_shards(self) -> list[int]:
-        return [k for k in range(self.spec.num_shards) if not self.is_done(k)]
+        done = set.intersection(*(done_shards(self.store, b) for b in self.spec.backends))
+        return [k for k in range(self.spec.num_shards) if k not in done]
 
     def prepare(self, shard: int, arrays: Mapping[str, np.ndarray],
                 failures: Mapping[int, str]) -> dict[str, np.ndarray]:
@@ -177,7 +176,7 @@ class CacheWriter:
         shard = int(shard)  # numpy integers are not JSON-serializable
         failures = {int(i): str(r) for i, r in (failures or {}).items()}
         todo = [b for b in self.spec.backends
-                if overwrite or read_done_marker(self.root, b, shard) is None]
+                if overwrite or read_done_marker(self.store, b, shard) is None]
         if not todo:
             return False
         stored = self.prepare(shard, arrays, failures)
@@ -189,19 +188,20 @@ class CacheWriter:
                          for i, r in sorted(failures.items())],
             "latent_sums": self._latent_sums(stored[MOMENTS], failures).tolist(),
         }
+        store = self.store
         for backend in todo:
-            marker_path = done_marker_path(self.root, backend, shard)
-            marker_path.unlink(missing_ok=True)
-            remove_stale_tmp(marker_path)
+            marker_key = done_marker_key(backend, shard)
+            store.remove(marker_key)
+            store.remove_stale_tmp(marker_key)
             files = self._writers[backend].write_shard(shard, stored, failed=set(failures))
-            # done marker last: its presence means every file above is complete
-            atomic_write_json(marker_path, {
+            # done marker last: its presence means every file above is complete. The
+            # checksums are of the files as stored (read back, also from a remote store)
+            store.write_bytes(marker_key, json_bytes({
                 **marker,
-                "files": {str(p.relative_to(self.root)): {"bytes": p.stat().st_size,
-                                                          "sha256": sha256_file(p)}
-                          for p in files},
+                "files": {rel: {"bytes": store.size(rel), "sha256": store.sha256(rel)}
+                          for rel in files},
                 "written": _now(),
-            })
+            }))
         return True
 
     def _latent_sums(self, moments: np.ndarray, failures: Mapping[int, str]) -> np.ndarray:
@@ -216,11 +216,11 @@ class CacheWriter:
         return np.stack([count, mean.sum(axes), (mean**2).sum(axes), (std**2).sum(axes)])
 
 
-def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None = None
+def finalize_cache(root: str | Path | Store, provenance_update: Mapping[str, Any] | None = None
                    ) -> dict[str, Any]:
     """Check that every shard of every backend is done, gather the shard table, failures
     and latent statistics into the manifest and mark it complete (written last)."""
-    root = Path(root)
+    root = Store.of(root)
     m = read_manifest(root)
     spec = CacheSpec.from_json(m["spec"])
     shards: dict[str, list] = {}
@@ -228,8 +228,10 @@ def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None
     markers = []
     for backend in spec.backends:
         table = []
-        for k in range(spec.num_shards):
-            mk = read_done_marker(root, backend, k)
+        with ThreadPoolExecutor(16) as pool:  # one request each on a remote store
+            read = list(pool.map(lambda k, b=backend: read_done_marker(root, b, k),
+                                 range(spec.num_shards)))
+        for k, mk in enumerate(read):
             if mk is None:
                 missing.append(f"{backend}:{k}")
                 continue
@@ -253,5 +255,5 @@ def finalize_cache(root: str | Path, provenance_update: Mapping[str, Any] | None
     m["finalized"] = _now()
     if provenance_update:
         m["provenance"].update(provenance_update)
-    atomic_write_json(manifest_path(root), m)
+    root.write_bytes(MANIFEST_NAME, json_bytes(m))
     return m

@@ -11,7 +11,8 @@ Reading has two paths with identical results (tests/test_cache_roundtrip.py chec
   sharding spec, index at the end, entries of two little-endian uint64). This reads at
   memory speed; zarr 3.4's general pipeline reads the same bytes 3-4x slower
   (docs/performance.md);
-- zarr's API for everything else (compressed arrays, strings, other stores).
+- zarr's API for everything else (compressed arrays, strings, remote stores: there zarr
+  reads a shard's index and then only the inner chunks asked for, by ranged requests).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import zarr
 
 from .format import KEY, CacheSpec, FieldSpec
+from .store import Store
 
 GROUP = "zarr"
 _EMPTY = np.uint64(2**64 - 1)  # shard-index marker of a chunk that was never written
@@ -37,13 +39,13 @@ def _chunk_key(shard: int, ndim: int) -> str:
 class ZarrWriter:
     name = "zarr"
 
-    def __init__(self, root: Path, spec: CacheSpec):
-        self.root, self.spec = Path(root), spec
+    def __init__(self, store: Store, spec: CacheSpec):
+        self.store, self.spec = Store.of(store), spec
         self._arrays: dict[str, zarr.Array] | None = None
 
     def create(self) -> None:
         """Create the group and every array's metadata once, before any shard is written."""
-        group = zarr.open_group(self.root / GROUP, mode="a")
+        group = zarr.open_group(self.store.zarr_store(GROUP, read_only=False), mode="a")
         compressors = (zarr.codecs.ZstdCodec(level=3),) if self.spec.compression else None
         for name, f in self.spec.fields.items():
             if name in group:
@@ -61,7 +63,7 @@ class ZarrWriter:
 
     def _open(self) -> dict[str, zarr.Array]:
         if self._arrays is None:
-            group = zarr.open_group(self.root / GROUP, mode="r+")
+            group = zarr.open_group(self.store.zarr_store(GROUP, read_only=False), mode="r+")
             # Write every inner chunk, also all-zero ones (a shard of class-0 labels, the
             # rows of failed samples): zarr would otherwise skip them and, for a shard that
             # is all zeros, write no file at all. The setting is not stored in the array
@@ -71,23 +73,28 @@ class ZarrWriter:
         return self._arrays
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray],
-                    failed: set[int] = frozenset()) -> list[Path]:
-        """Write one whole shard of every field; return the files written. Failed samples
-        keep their (zeroed) rows: zarr's sample axis is the global index."""
+                    failed: set[int] = frozenset()) -> list[str]:
+        """Write one whole shard of every field; return the files written (relative to
+        the cache root). Failed samples keep their (zeroed) rows: zarr's sample axis is
+        the global index."""
         start, stop = self.spec.shard_range(shard)
         files = []
         for name, arr in self._open().items():
-            path = self.shard_file(name, shard)
+            rel = shard_file(self.spec, name, shard)
+            path = self.store.local_path(rel)
             # a writer killed inside zarr's atomic write leaves '<file>.<uuid>.partial'
-            for stale in path.parent.glob(f"{path.name}.*.partial"):
+            for stale in path.parent.glob(f"{path.name}.*.partial") if path else ():
                 stale.unlink(missing_ok=True)
             arr[start:stop] = arrays[name]
-            files.append(path)
+            files.append(rel)
         return files
 
-    def shard_file(self, name: str, shard: int) -> Path:
-        ndim = 1 + len(self.spec.fields[name].shape)
-        return self.root / GROUP / name / _chunk_key(shard, ndim)
+
+def shard_file(spec: CacheSpec, name: str, shard: int) -> str:
+    """The zarr shard object of field `name` holding cache shard `shard`, relative to the
+    cache root."""
+    ndim = 1 + len(spec.fields[name].shape)
+    return f"{GROUP}/{name}/{_chunk_key(shard, ndim)}"
 
 
 class _MappedShard:
@@ -104,9 +111,9 @@ class _MappedShard:
 class ZarrReader:
     name = "zarr"
 
-    def __init__(self, root: Path, spec: CacheSpec, max_open_shards: int = 512):
-        self.root, self.spec = Path(root), spec
-        group = zarr.open_group(self.root / GROUP, mode="r")
+    def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512):
+        self.store, self.spec = Store.of(store), spec
+        group = zarr.open_group(self.store.zarr_store(GROUP, read_only=True), mode="r")
         self.arrays = {name: group[name] for name in spec.fields}
         self._fast = {name: self._fast_layout(name) for name in spec.fields}
         self._mapped: dict[tuple[str, int], _MappedShard] = {}
@@ -115,7 +122,7 @@ class ZarrReader:
     def _fast_layout(self, name: str) -> int | None:
         """Index size in bytes if `name` can be read by mmap, else None."""
         arr = self.arrays[name]
-        if self.spec.fields[name].dtype == "str" or not (self.root / GROUP).is_dir():
+        if self.spec.fields[name].dtype == "str" or self.store.local_path() is None:
             return None
         codecs = arr.metadata.to_dict().get("codecs", [])
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
@@ -137,8 +144,7 @@ class ZarrReader:
         if m is None:
             if len(self._mapped) >= self._max_open:
                 self._mapped.pop(next(iter(self._mapped)))  # oldest first
-            ndim = 1 + len(self.spec.fields[name].shape)
-            path = self.root / GROUP / name / _chunk_key(shard, ndim)
+            path = self.store.local_path(shard_file(self.spec, name, shard))
             m = _MappedShard(path, self.spec.shard_size // self.spec.chunk_size,
                              self._fast[name])
             self._mapped[key] = m

@@ -86,7 +86,8 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--dataset", default="imagenet", help=f"one of {', '.join(sorted(SOURCES))}")
     a("--data-dir", help="image root (imagenet: the folder holding train/ and val/); "
                          "demo: where to generate the demo images")
-    a("--out", required=True, help="cache directory (created, or resumed if it exists)")
+    a("--out", required=True, help="cache directory or fsspec URL, e.g. s3://bucket/in1k-256 "
+      "(created, or resumed if it exists)")
     a("--split", default="train", choices=("train", "val"))
     a("--format", default="zarr", choices=("zarr", "wds", "both"))
     a("--resolution", type=int, default=256, help="256 or 512 (any multiple of 32)")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("inspect", cmd_inspect, "print a readable manifest summary"),
                               ("stats", cmd_stats, "counts, sizes, latent and label stats")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("cache", help="cache directory")
+        s.add_argument("cache", help="cache directory or fsspec URL")
         s.add_argument("--allow-partial", action="store_true",
                        help="open an unfinished cache (only its done shards)")
         s.set_defaults(func=func)

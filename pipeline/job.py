@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cache import CacheSpec, create_cache, finalize_cache
-from cache.format import read_done_marker
+from cache.format import MANIFEST_NAME, done_shards, read_done_marker
+from cache.store import Store, is_url
 
 from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, teacher_input_size,
                        token_grid, weights_sha256)
@@ -80,11 +81,13 @@ class EncodeConfig:
         if self.dataset not in SOURCES:
             bad("dataset", f"choose one of {sorted(SOURCES)}")
         if self.data_dir is None:
-            if self.dataset != "demo":
+            if self.dataset != "demo" or is_url(self.out):
                 bad("data_dir", "is required (the image folder or tar directory)")
             self.data_dir = str(Path(self.out).parent / "demo_images")
         # absolute: Ray workers on other nodes (or `ray job submit`) have another cwd
-        self.out, self.data_dir = os.path.abspath(self.out), os.path.abspath(self.data_dir)
+        if not is_url(self.out):   # an fsspec URL (s3://bucket/in1k-256) stays as it is
+            self.out = os.path.abspath(self.out)
+        self.data_dir = os.path.abspath(self.data_dir)
         if self.teacher_weights is not None:
             self.teacher_weights = os.path.abspath(self.teacher_weights)
         if os.path.exists(self.vae):
@@ -200,8 +203,7 @@ def make_plan(cfg: EncodeConfig) -> Plan:
                     "weights_sha256": hashes["teacher"]},
         "precision": cfg.precision,   # resolved (bf16 on GPU, fp32 on CPU) by run_encode
     }
-    done = {k for k in range(spec.num_shards)
-            if all(read_done_marker(cfg.out, b, k) for b in spec.backends)}
+    done = set.intersection(*(done_shards(cfg.out, b) for b in spec.backends))
     pending = [k for k in range(spec.num_shards) if k not in done]
     return Plan(cfg, source, spec, provenance, hashes, pending)
 
@@ -314,8 +316,8 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
     Returns the summary (also stored in the manifest). Raises TooManyFailures (the cache
     stays incomplete, its done shards kept) when failures exceed the budget."""
     import ray
-    root = Path(cfg.out)
-    if root.is_dir() and any(root.iterdir()) and not (root / "manifest.json").exists():
+    root = Store(cfg.out)   # a directory or an fsspec URL (s3://bucket/in1k-256)
+    if root.listdir() and not root.is_file(MANIFEST_NAME):
         raise ValueError(f"--out {root} exists and is not a cache; give a new or empty "
                          "directory (a typo must not write into a dataset)")
     plan = plan or make_plan(cfg)
@@ -363,7 +365,7 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
     return summary
 
 
-def _run_pipeline(plan: Plan, enc: Encoders, root: Path, failures: list[dict], budget: int
+def _run_pipeline(plan: Plan, enc: Encoders, root: Store, failures: list[dict], budget: int
                   ) -> dict[str, Any]:
     from tqdm import tqdm
     todo = plan.pending_images

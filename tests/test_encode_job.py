@@ -162,6 +162,22 @@ def test_same_bytes_whatever_the_number_of_encoders(ray_local, images, tmp_path)
     assert _file_hashes(tmp_path / "one") == _file_hashes(tmp_path / "two")
 
 
+def test_encode_to_an_fsspec_url_writes_the_same_cache(ray_local, images, tmp_path):
+    """--out file://...: the Ray workers write through fsspec (no local fast paths); the
+    cache equals the one written to a plain directory and streams from DataLoader worker
+    processes that reopen the URL themselves."""
+    from cache import CacheLoader, LoaderConfig
+    run_encode(_cfg(tmp_path / "plain", images, format="both"), log=lambda s: None)
+    url = f"file://{tmp_path}/url"
+    run_encode(_cfg(url, images, format="both"), log=lambda s: None)
+    assert _file_hashes(url) == _file_hashes(tmp_path / "plain")
+    assert open_cache(url).verify().ok
+    cfg = LoaderConfig(batch_size=4, shuffle_buffer=8, num_workers=1, backend="wds")
+    a = [b["tokens"] for b in CacheLoader(url, cfg)]
+    b = [b["tokens"] for b in CacheLoader(tmp_path / "plain", cfg)]
+    assert len(a) == 3 and all((x == y).all() for x, y in zip(a, b, strict=True))
+
+
 def test_killed_job_reruns_to_the_same_cache(ray_local, tmp_path):
     data = write_jpeg_folder(tmp_path / "data", classes=4, per_class=20)
     run_encode(_cfg(tmp_path / "ref", data, shard_size=2), log=lambda s: None)

@@ -48,7 +48,6 @@ def test_many_processes_writing_different_shards_lose_nothing(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, time, json
-    import cache.writer as w
     from cache import CacheSpec
     from cache.synthetic import write_synthetic_cache
     root, point = sys.argv[1], sys.argv[2]
@@ -57,12 +56,13 @@ CHILD = textwrap.dedent("""
         print("READY", flush=True)
         time.sleep(600)
     if point == "marker":  # everything of shard 1 written, its done marker not yet
-        orig = w.atomic_write_json
-        def patched(path, obj):
-            if "_done" in str(path) and obj.get("shard") == 1:
+        from cache.store import Store
+        orig = Store.write_bytes
+        def patched(self, rel, data):
+            if rel.startswith("_done") and json.loads(data).get("shard") == 1:
                 hang()
-            orig(path, obj)
-        w.atomic_write_json = patched
+            orig(self, rel, data)
+        Store.write_bytes = patched
     else:  # half of shard 1's zarr fields written
         from cache.zarr_backend import ZarrWriter
         orig_open = ZarrWriter._open
