@@ -12,9 +12,15 @@ How an epoch is planned (all of it on indices, in the main process, ~10 ms for I
    The window is the in-memory shuffle buffer: it mixes shuffle_buffer / block_size blocks
    from all over the dataset (ImageNet is stored class by class).
 
+Streams (Mosaic's "canonical nodes"): the plan is made for `streams` virtual ranks, and a
+real rank of `world_size` takes streams / world_size consecutive ones. Its batch is the
+concatenation of its streams' batches, so the global batch of step s (all streams' batch
+s, in stream order) is the same on 1, 2, 4 ... ranks, and a run on one process can
+reproduce a multi-process run sample for sample. By default streams = world_size.
+
 DataLoader workers only *fetch* windows: window w goes to worker w % num_workers and comes
-back in order, so the batches are a function of (seed, epoch, rank, world size) alone,
-whatever the number of workers. A worker reads each block of its window as one run of
+back in order, so the batches are a function of (seed, epoch, streams, rank, world size)
+alone, whatever the number of workers. A worker reads each block of its window as one run of
 rows and copies each row once into the window's (pinned) tensors. Resume state is
 (epoch, batches consumed): the plan is recomputed and the first window re-read.
 """
@@ -210,13 +216,20 @@ class CacheLoader:
     """
 
     def __init__(self, cache: str | os.PathLike | CacheDataset, config: LoaderConfig | None = None,
-                 *, rank: int = 0, world_size: int = 1):
+                 *, rank: int = 0, world_size: int = 1, streams: int | None = None):
         self.cfg = config or LoaderConfig()
         self.ds = cache if isinstance(cache, CacheDataset) else open_cache(
             cache, backend=self.cfg.backend)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
+        self.streams = streams or world_size
+        per_rank, bad = divmod(self.streams, world_size)
+        if bad or self.cfg.batch_size % per_rank:
+            raise ValueError(f"streams={self.streams} must be a multiple of world_size="
+                             f"{world_size} and streams / world_size must divide the batch "
+                             f"size {self.cfg.batch_size}")
+        self.own = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's streams
         self.epoch, self.batch_in_epoch = 0, 0
         self._sampler = _TaskSampler()
         self._fetcher = _WindowFetcher(self.ds, self.cfg)
@@ -236,37 +249,46 @@ class CacheLoader:
                 f"{self.ds.root}: {self.ds.num_valid} valid samples give no full batch of "
                 f"{self.cfg.batch_size} per rank on {world_size} rank(s)")
 
-    def _windows(self, epoch: int) -> list[np.ndarray]:
-        c = self.cfg
-        return epoch_plan(self.ds.valid_indices, batch_size=c.batch_size,
-                          block_size=c.block_size, window=c.shuffle_buffer, seed=c.seed,
-                          epoch=epoch, rank=self.rank, world_size=self.world_size,
-                          shuffle=c.shuffle)
+    @property
+    def stream_batch(self) -> int:
+        """Samples each stream adds to a batch."""
+        return self.cfg.batch_size // len(self.own)
+
+    def _tasks(self, epoch: int, first: int) -> list[_Task]:
+        """Window tasks from `first` on: each stream's windows are planned as those of a
+        rank of `streams` (epoch_plan), with view draws seeded by the stream, and merged
+        batch by batch (batch j = stream batch j of every stream this rank owns)."""
+        c, k, b = self.cfg, len(self.own), self.stream_batch
+        random_views = self.ds.spec.views > 1 and c.view == "random"
+        plans = [epoch_plan(self.ds.valid_indices, batch_size=b, block_size=c.block_size,
+                            window=c.shuffle_buffer // k, seed=c.seed, epoch=epoch, rank=s,
+                            world_size=self.streams, shuffle=c.shuffle) for s in self.own]
+
+        def merge(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.stack(arrays).reshape(k, -1, b).transpose(1, 0, 2).reshape(-1)
+        tasks = []
+        for w in range(first, len(plans[0])):
+            views = None
+            if random_views:
+                views = merge([np.random.default_rng([c.seed, epoch, s, w, 1]).integers(
+                    0, self.ds.spec.views, len(p[w])).astype(np.int64)
+                    for s, p in zip(self.own, plans)])
+            tasks.append(_Task(merge([p[w] for p in plans]), views))
+        return tasks
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (the same for every epoch)."""
         return batches_per_rank(self.ds.num_valid, block_size=self.cfg.block_size,
-                                world_size=self.world_size, batch_size=self.cfg.batch_size)
+                                world_size=self.streams, batch_size=self.stream_batch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = int(epoch), 0
-
-    def _tasks(self, windows: list[np.ndarray], epoch: int, first: int) -> list[_Task]:
-        tasks = []
-        random_views = self.ds.spec.views > 1 and self.cfg.view == "random"
-        for w in range(first, len(windows)):
-            views = None
-            if random_views:
-                rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, w, 1])
-                views = rng.integers(0, self.ds.spec.views, len(windows[w])).astype(np.int64)
-            tasks.append(_Task(windows[w], views))
-        return tasks
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         B, M = self.cfg.batch_size, self.cfg.shuffle_buffer // self.cfg.batch_size
         epoch = self.epoch
         first, skip = divmod(self.batch_in_epoch, M)
-        self._sampler.tasks = self._tasks(self._windows(epoch), epoch, first)
+        self._sampler.tasks = self._tasks(epoch, first)
         for item in self._dl:
             n = len(next(iter(item.values()))) // B
             for m in range(skip, n):
@@ -280,7 +302,7 @@ class CacheLoader:
         c = self.cfg
         return {"seed": c.seed, "batch_size": c.batch_size, "block_size": c.block_size,
                 "shuffle_buffer": c.shuffle_buffer, "shuffle": c.shuffle, "view": c.view,
-                "rank": self.rank, "world_size": self.world_size,
+                "rank": self.rank, "world_size": self.world_size, "streams": self.streams,
                 "num_valid": self.ds.num_valid}
 
     def state_dict(self) -> dict[str, Any]:
@@ -289,6 +311,7 @@ class CacheLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self._plan_identity()
+        state = {"streams": state.get("world_size"), **state}  # saved before streams existed
         diff = [f"{k}: saved {state.get(k)!r} vs now {v!r}" for k, v in mine.items()
                 if state.get(k) != v]
         if diff:

@@ -36,6 +36,30 @@ def make_cache(tmp_path):
     return make
 
 
+def write_structured_cache(root, spec: CacheSpec):
+    """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std)
+    and teacher tokens that are a fixed function of that pattern (spec: 4 latent channels,
+    tokens = (latent_size / 2)^2, one view)."""
+    from cache import create_cache, finalize_cache
+    rng = np.random.default_rng(0)
+    n, s, t, d = spec.num_samples, spec.latent_size, spec.tokens, spec.token_dim
+    patterns = rng.standard_normal((4, 4, s, s)).astype(np.float32) / 0.18215
+    proj = rng.standard_normal((4 * 4, d)).astype(np.float32)
+    labels = np.arange(n) % 4
+    mean = patterns[labels] + rng.standard_normal((n, 4, s, s)).astype(np.float32)
+    g = s // 2
+    patches = mean.reshape(n, 4, g, 2, g, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, 16)
+    w = create_cache(root, spec, {"random_weights": True, "dataset": "structured"})
+    for k in w.pending_shards():
+        a, b = spec.shard_range(k)
+        w.write_shard(k, {
+            "moments": np.concatenate([mean[a:b], np.full_like(mean[a:b], 0.5)], 1)[:, None],
+            "tokens": (patches[a:b] @ proj)[:, None], "cls": np.zeros((b - a, 1, d)),
+            "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)]})
+    finalize_cache(root)
+    return root
+
+
 def tiny_run_config(cache, run_dir, *extra):
     """A tiny U-REPA training config for 8x8-latent test caches: SiT-down-tiny (4x4 tokens,
     2x2 middle stage), 32-wide teacher tokens, fp32 on the CPU; `extra` overrides win."""

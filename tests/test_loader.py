@@ -192,3 +192,29 @@ def test_released_buffers_are_recycled(cache_path):
     # windows of 8 samples (+ one shorter last window): at most two arrays per shape
     assert all(len(held) <= 2 for held in pool.arrays.values()), \
         {k: len(v) for k, v in pool.arrays.items()}
+
+
+def test_streams_make_the_global_batch_independent_of_the_rank_count(make_cache):
+    """With streams=4, step j's global batch (every rank's batch, in rank order) is the
+    same on 1, 2 and 4 ranks, views included; each rank's batch holds its streams' parts."""
+    path, spec = make_cache(num_samples=300, views=2)
+    global_batches = {}
+    for world in (1, 2, 4):
+        per_rank = []
+        for rank in range(world):
+            cfg = LoaderConfig(batch_size=16 // world, shuffle_buffer=32 // world,
+                               block_size=2, fields=("index", "label"))
+            loader = CacheLoader(path, cfg, rank=rank, world_size=world, streams=4)
+            assert len(loader) == 300 // 2 // 4 * 2 // 4   # 18 blocks of 2 per stream
+            per_rank.append([(b["index"], b["view"]) for b in loader])
+        global_batches[world] = [(torch.cat([r[j][0] for r in per_rank]),
+                                  torch.cat([r[j][1] for r in per_rank]))
+                                 for j in range(len(per_rank[0]))]
+    for world in (2, 4):
+        for (i1, v1), (i2, v2) in zip(global_batches[1], global_batches[world], strict=True):
+            assert torch.equal(i1, i2) and torch.equal(v1, v2)
+    seen = torch.cat([i for i, _ in global_batches[1]])
+    assert len(set(seen.tolist())) == len(seen)                       # no repeats in an epoch
+    with pytest.raises(ValueError, match="streams=3 must be a multiple of world_size=2"):
+        CacheLoader(path, LoaderConfig(batch_size=8, shuffle_buffer=8), world_size=2,
+                    streams=3)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache import CacheSpec, create_cache, finalize_cache
-from conftest import tiny_run_config
+from cache import CacheSpec
+from conftest import tiny_run_config, write_structured_cache
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
 from train.data import check_cache
@@ -25,25 +25,7 @@ SPEC = CacheSpec(num_samples=96, shard_size=32, latent_size=8, tokens=16, token_
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std)
-    and teacher tokens that are a fixed function of that pattern."""
-    root = tmp_path_factory.mktemp("cache") / "c"
-    rng = np.random.default_rng(0)
-    n, s, t, d = SPEC.num_samples, SPEC.latent_size, SPEC.tokens, SPEC.token_dim
-    patterns = rng.standard_normal((4, 4, s, s)).astype(np.float32) / 0.18215
-    proj = rng.standard_normal((4 * 4, d)).astype(np.float32)
-    labels = np.arange(n) % 4
-    mean = patterns[labels] + rng.standard_normal((n, 4, s, s)).astype(np.float32)
-    patches = mean.reshape(n, 4, 4, 2, 4, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, 16)
-    w = create_cache(root, SPEC, {"random_weights": True, "dataset": "structured"})
-    for k in w.pending_shards():
-        a, b = SPEC.shard_range(k)
-        w.write_shard(k, {
-            "moments": np.concatenate([mean[a:b], np.full_like(mean[a:b], 0.5)], 1)[:, None],
-            "tokens": (patches[a:b] @ proj)[:, None], "cls": np.zeros((b - a, 1, d)),
-            "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)]})
-    finalize_cache(root)
-    return root
+    return write_structured_cache(tmp_path_factory.mktemp("cache") / "c", SPEC)
 
 
 def tiny(cache, run_dir, *extra):
@@ -180,11 +162,13 @@ def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path):
 def test_accumulation_and_plain_sit(cache, tmp_path):
     cfg = tiny(cache, tmp_path, "max_steps=3", "micro_batch_size=8", "align.method=none",
                "model.arch=sit-tiny/2")
-    last = train(cfg, log=lambda _: None)
+    lines = []
+    last = train(cfg, log=lines.append)
     assert last["step"] == 3 and "loss_repa" not in last
+    assert "global batch 16 = 1 process(es) x 8 x 2 accumulation, 1 data streams" in "".join(lines)
     state = torch.load(tmp_path / "checkpoints/step_00000003/custom_checkpoint_1.pkl")
-    assert state["loader"]["batch_size"] == 8
-    assert state["loader"]["batch_in_epoch"] == 6           # 3 steps x 2 micro-batches
+    assert state["loader"]["batch_size"] == 16              # the loader hands out whole steps
+    assert state["loader"]["batch_in_epoch"] == 3
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(cache, tmp_path, capsys):

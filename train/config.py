@@ -86,12 +86,17 @@ class AlignConfig:
 
 @dataclass
 class DataConfig:
-    cache: str = MISSING             # a cache directory written by `pipeline encode`
+    cache: str = MISSING             # a cache written by `pipeline encode`: a directory or an
+    #                                  fsspec URL (s3://bucket/in1k-256, gs://..., file://...)
     backend: Optional[str] = None    # zarr or wds when the cache has both
     view: str = "random"             # with flipped copies stored: a random view per sample
     num_workers: int = 4             # loader processes per rank
     block_size: int = 8              # contiguous samples per read
-    shuffle_buffer: int = 4096       # samples per in-memory shuffle window (per rank)
+    shuffle_buffer: int = 4096       # samples per in-memory shuffle window, per stream
+    streams: Optional[int] = None    # the data order's virtual ranks (None: the number of
+    #                                  processes at the start); a multiple of the process
+    #                                  count that divides batch_size. The same streams give
+    #                                  the same global batches and draws on 1 or N processes
     resolution: Optional[int] = None  # when set, must match the cache's image resolution
 
     def __post_init__(self) -> None:
@@ -100,6 +105,8 @@ class DataConfig:
         if self.num_workers < 0 or self.block_size < 1 or self.shuffle_buffer < 1:
             raise ConfigError("data.num_workers must be >= 0, data.block_size and "
                               "data.shuffle_buffer >= 1")
+        if self.streams is not None and self.streams < 1:
+            raise _bad("data", "streams", self.streams, "must be >= 1 (or null)")
 
 
 @dataclass
@@ -155,7 +162,7 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
-    seed: int = 0                    # model init; rank r trains with seed + r (REPA)
+    seed: int = 0                    # model init, data order, and each step's draws
     batch_size: int = 256            # global batch per optimizer step
     micro_batch_size: Optional[int] = None  # per device per forward; None: batch / devices
     #                                  (smaller => gradient accumulation keeps the global batch)
@@ -167,6 +174,7 @@ class TrainConfig:
     keep_checkpoints: int = 3        # the newest K are kept
     tensorboard: bool = False        # also log through accelerate's TensorBoard tracker
     progress: bool = True            # progress bar on the main process
+    log_samples: bool = False        # samples.jsonl: every step's sample indices per rank
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every",
@@ -189,6 +197,11 @@ class TrainConfig:
         if rest:
             raise ConfigError(f"batch_size={self.batch_size} does not split over "
                               f"{world_size} processes")
+        streams = self.data.streams or world_size
+        if streams % world_size or self.batch_size % streams:
+            raise ConfigError(f"data.streams={streams} must be a multiple of the "
+                              f"{world_size} process(es) and divide batch_size="
+                              f"{self.batch_size}")
         micro = self.micro_batch_size or per_device
         if per_device % micro:
             raise ConfigError(f"micro_batch_size={micro} must divide the per-device batch "
@@ -199,7 +212,8 @@ class TrainConfig:
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
     "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-    "tensorboard", "progress", "data.cache", "data.num_workers", "data.backend",
+    "tensorboard", "progress", "log_samples", "data.cache", "data.num_workers",
+    "data.backend",
     "model.checkpointing",  # recomputes the same values; compile changes numerics
     *(f"preview.{f.name}" for f in dataclasses.fields(PreviewConfig)),  # read-only of the run
 }

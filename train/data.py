@@ -83,12 +83,17 @@ def cache_info(ds: CacheDataset) -> dict:
                     "seed": command.get("seed")}}
 
 
-def make_loader(ds: CacheDataset, cfg: TrainConfig, micro_batch: int, *, rank: int,
-                world_size: int) -> CacheLoader:
-    """Per-rank loader of micro-batches; teacher tokens are read only when aligning."""
+def make_loader(ds: CacheDataset, cfg: TrainConfig, *, rank: int, world_size: int
+                ) -> CacheLoader:
+    """Per-rank loader of the rank's share of each global batch (batch_size / world_size
+    samples: its streams' parts, see cache/loader.py); the trainer cuts it into
+    micro-batches. Teacher tokens are read only when aligning."""
     fields = (MOMENTS, LABEL, INDEX) + ((TOKENS,) if cfg.align.method != "none" else ())
-    window = max(micro_batch, cfg.data.shuffle_buffer // micro_batch * micro_batch)
+    streams = cfg.data.streams or world_size
+    per_stream = cfg.batch_size // streams
+    window = max(per_stream, cfg.data.shuffle_buffer // per_stream * per_stream)
     return CacheLoader(ds, LoaderConfig(
-        batch_size=micro_batch, fields=fields, seed=cfg.seed, block_size=cfg.data.block_size,
-        shuffle_buffer=window, view=cfg.data.view, num_workers=cfg.data.num_workers,
-        backend=cfg.data.backend), rank=rank, world_size=world_size)
+        batch_size=cfg.batch_size // world_size, fields=fields, seed=cfg.seed,
+        block_size=cfg.data.block_size, shuffle_buffer=window * (streams // world_size),
+        view=cfg.data.view, num_workers=cfg.data.num_workers, backend=cfg.data.backend),
+        rank=rank, world_size=world_size, streams=streams)

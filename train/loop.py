@@ -7,14 +7,22 @@
       checkpoints/step_00010000/  model, optimizer, EMA, step, loader position and every
                                rank's RNG states (accelerate save_state), renamed into
                                place once complete; the newest keep_checkpoints are kept
+      samples.jsonl            with log_samples=true: each step's sample indices per rank
       nonfinite-step_N.json    written instead of a checkpoint when a loss turns NaN/Inf
       samples/step_N.png       EMA sample grids every preview.every steps (when set)
 
 Rerunning `train run` on the same run directory resumes from the newest checkpoint and
-continues the same trajectory (bit-exactly on CPU; GPU kernels are not deterministic):
-the data order is a function of (seed, epoch, rank) and the position, and every random
-draw of a step comes from the restored RNG states. The run directory must be on a
-filesystem that every node sees.
+continues the same trajectory (bit-exactly on CPU; GPU kernels are not deterministic).
+
+What a step computes does not depend on the number of processes, only on `data.streams`
+(default: the process count of the first start): the global batch of step s is the
+concatenation of every stream's batch s (cache/loader.py), and the random draws of a
+stream's samples (posterior noise, t, path noise, label drop) come from a generator
+seeded by (seed, s, stream). A process owns streams / processes consecutive streams and
+cuts its share into micro-batches. So one process with data.streams=8 follows an 8-GPU
+run to floating-point tolerance (with the same micro_batch_size: U-REPA's manifold loss
+couples the samples of a micro-batch). The run directory must be on a filesystem that
+every node sees.
 """
 
 from __future__ import annotations
@@ -35,13 +43,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cache import open_cache
-from cache.format import INDEX, atomic_write_bytes
+from cache.format import INDEX, MOMENTS, atomic_write_bytes, state_sha256
 
 from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
                      load_config, to_yaml)
 from .data import cache_info, check_cache, make_loader
 from .models import build_model
-from .step import Student
+from .step import Student, step_draws, stream_seed
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 # accelerate's file names for the prepared model and the first object registered for
@@ -100,6 +108,17 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
             + "\nUse a new run_dir, or restore these values.")
 
 
+def _check_replicas(acc, net: torch.nn.Module, step: int) -> list[str]:
+    """SHA-256 of every process's weights; raises if they differ (replicas that drifted
+    apart would each train their own model while the checkpoint keeps only one)."""
+    from accelerate.utils import gather_object
+    hashes = gather_object([state_sha256(net.state_dict())])
+    if len(set(hashes)) > 1:
+        raise RuntimeError(f"step {step}: the processes' weights differ ({hashes}); "
+                           "no checkpoint written. This is a bug: please report it")
+    return hashes
+
+
 def _save_checkpoint(acc, run_dir: Path, step: int, keep: int, meta: dict) -> Path:
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
@@ -146,6 +165,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     dist = PartialState(cpu=cpu)
     world = dist.num_processes
     micro, accum = cfg.accumulation(world)
+    saved = run_dir / "config.yaml"   # a resumed run keeps its streams
+    cfg.data.streams = (cfg.data.streams or (saved.exists() and load_config(saved).data.streams)
+                        or world)
+    cfg.accumulation(world)   # checks the streams against the processes
     ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
     check = check_cache(ds, cfg)
     _check_resume_config(run_dir, cfg)
@@ -178,7 +201,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     say(f"model {m.arch}: {n_params / 1e6:.1f}M parameters; align {cfg.align.method}"
         + (f" at block {student.depth}" if student.depth else "")
         + f"; global batch {cfg.batch_size} = {world} process(es) x {micro} x {accum} "
-        f"accumulation; {cfg.mixed_precision} autocast")
+        f"accumulation, {cfg.data.streams} data streams; {cfg.mixed_precision} autocast")
     o = cfg.optim
     opt = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=tuple(o.betas),
                             weight_decay=o.weight_decay, eps=o.eps)
@@ -186,7 +209,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         student.net.compile()
     student, opt = acc.prepare(student, opt)
     ema.to(acc.device)
-    loader = make_loader(ds, cfg, micro, rank=acc.process_index, world_size=world)
+    loader = make_loader(ds, cfg, rank=acc.process_index, world_size=world)
     state = TrainState(loader)
     acc.register_for_checkpointing(ema, state)   # order fixes CHECKPOINT_FILES["ema"]
 
@@ -203,7 +226,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
             f"decoder: {preview.decoder.source}")
         preview = preview if main else None
 
-    set_seed(cfg.seed + acc.process_index)  # REPA: seed + rank for the random draws
+    set_seed(cfg.seed + acc.process_index)  # the steps' draws use their own generators
     found = checkpoints(run_dir)
     if main:  # an interrupted save leaves a .tmp directory: never a checkpoint
         for stale in (run_dir / "checkpoints").glob(".tmp_step_*"):
@@ -223,9 +246,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
                               "was written by fewer processes; resume with the same number")
         acc.load_state(str(ckpt))
         say(f"resumed from {ckpt} (step {state.step})")
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     if main:
         _trim_metrics(metrics_path, state.step)
+        _trim_metrics(samples_path, state.step)
     if cfg.tensorboard:  # hparams take scalars and strings only
         acc.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool))
                                            else str(v) for k, v in flatten(cfg).items()})
@@ -235,6 +259,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
             "files": CHECKPOINT_FILES, "cache": cache_info(ds)}   # what `train sample` reads
     batches = _batches(loader)
+    draw_gen = torch.Generator(device=acc.device)
+    per_stream = cfg.batch_size // cfg.data.streams
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                unit="step", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
@@ -244,16 +270,25 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     student.train()
     while state.step < cfg.max_steps:
         t_step = time.perf_counter()
-        wait, sums, indices = 0.0, {}, []
+        sums: dict[str, torch.Tensor] = {}
+        batch = next(batches)                      # this process's share of the global batch
+        indices = batch.pop(INDEX)                 # diagnostics only: stays on the host
+        batch = {name: v.to(acc.device, non_blocking=True) for name, v in batch.items()}
+        wait = time.perf_counter() - t_step
+        if cfg.log_samples:
+            _log_samples(acc, samples_path, state.step + 1, indices)
+        draws = {}
+        for stream in loader.own:                  # each stream's draws, in batch order
+            draw_gen.manual_seed(stream_seed(cfg.seed, state.step, stream))
+            d = step_draws(per_stream, tuple(batch[MOMENTS].shape[1:]), m.label_dropout,
+                           generator=draw_gen, device=acc.device)
+            draws = {k: torch.cat([draws[k], v]) if k in draws else v for k, v in d.items()}
         for k in range(accum):
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            indices.append(batch.pop(INDEX))                  # diagnostics only: stays on host
-            batch = {name: v.to(acc.device, non_blocking=True) for name, v in batch.items()}
-            wait += time.perf_counter() - t_wait
+            part = slice(k * micro, (k + 1) * micro)
             sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)
             with sync:
-                out = student(batch)
+                out = student({n: v[part] for n, v in batch.items()},
+                              {n: v[part] for n, v in draws.items()})
                 acc.backward(out["loss"] / accum)
             for name, v in out.items():
                 sums[name] = sums.get(name, 0.0) + v.detach().float() / accum
@@ -263,7 +298,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         bad_grad = cfg.mixed_precision != "fp16" and not torch.isfinite(grad_norm)
         if not torch.isfinite(terms).all() or bad_grad:
             _stop_nonfinite(acc, run_dir, state.step + 1, dict(zip(names, terms.tolist())),
-                            float(grad_norm), o.lr, torch.cat(indices).tolist(), say)
+                            float(grad_norm), o.lr, indices.tolist(), say)
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, inner, o.ema_decay)
@@ -298,13 +333,24 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         if preview and (state.step % cfg.preview.every == 0 or done):
             preview(ema, run_dir / "samples" / f"step_{state.step:08d}.png")  # own generator
         if state.step % cfg.checkpoint_every == 0 or done:
+            replicas = _check_replicas(acc, inner, state.step)
             path = _save_checkpoint(acc, run_dir, state.step, cfg.keep_checkpoints,
-                                    {**meta, "step": state.step})
+                                    {**meta, "step": state.step,
+                                     "weights_sha256_per_process": replicas})
             if main:
                 (bar.write if cfg.progress else log)(f"checkpoint {path}")
     bar.close()
     acc.end_training()
     return last if main else {}
+
+
+def _log_samples(acc, path: Path, step: int, indices: torch.Tensor) -> None:
+    """Append {"step", "indices": one list per process} to samples.jsonl (main process)."""
+    from accelerate.utils import gather_object
+    per_rank = gather_object([indices.tolist()])
+    if acc.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "indices": per_rank}) + "\n")
 
 
 def _num(v: float) -> float | str:

@@ -13,6 +13,7 @@ from its forward, so DDP sees one module and one forward per micro-batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,10 +24,22 @@ from .losses import flow_loss, interpolate, manifold_loss, repa_loss
 from .models import Projector
 
 
-def sample_latents(moments: torch.Tensor, scale: float) -> torch.Tensor:
-    """z = (mean + std * eps) * scale from the stored posterior moments (fp32)."""
-    mean, std = moments.float().chunk(2, dim=1)
-    return (mean + std * torch.randn_like(mean)) * scale
+def step_draws(n: int, moments_shape: tuple[int, ...], label_dropout: float, *,
+               generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
+    """Every random draw of a training step for n samples: posterior noise `eps`, time `t`,
+    path noise `noise` and the label-drop mask `drop`, in this order from `generator`
+    (the device's global generator when None)."""
+    c2, h, w = moments_shape
+    shape = (n, c2 // 2, h, w)
+    kw = dict(generator=generator, device=device)
+    return {"eps": torch.randn(shape, **kw), "t": torch.rand(n, **kw),
+            "noise": torch.randn(shape, **kw), "drop": torch.rand(n, **kw) < label_dropout}
+
+
+def stream_seed(seed: int, step: int, stream: int) -> int:
+    """The generator seed of one stream's draws at one step (see Student)."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
 
 
 class Student(nn.Module):
@@ -42,14 +55,24 @@ class Student(nn.Module):
             self.projector = Projector(net.dim, align.teacher_dim, align.projector_dim,
                                        upsample=align.upsample)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor],
+                draws: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one micro-batch: loss (the total), loss_v, and with alignment
-        loss_repa and (U-REPA) loss_ml. Random draws: latent noise, t, path noise and
-        label drop, all from the device's global generator (seeded per rank)."""
-        x0 = sample_latents(batch[MOMENTS], self.latent_scale)             # [B, C, h, w]
-        t = torch.rand(x0.shape[0], device=x0.device)                      # [B]
-        xt, v = interpolate(x0, torch.randn_like(x0), t)
-        v_pred, hidden = self.net(xt, t, batch[LABEL], align_depth=self.depth)
+        loss_repa and (U-REPA) loss_ml. `draws` (step_draws) holds the random draws; the
+        trainer makes them per stream and step, so that they belong to the sample's place
+        in the global batch whatever the number of processes. Without them they come from
+        the device's global generator."""
+        moments = batch[MOMENTS]
+        if draws is None:
+            draws = step_draws(len(moments), tuple(moments.shape[1:]),
+                               getattr(self.net.y_embedder, "dropout", 0.0),
+                               device=moments.device)
+        mean, std = moments.float().chunk(2, dim=1)
+        x0 = (mean + std * draws["eps"]) * self.latent_scale               # [B, C, h, w]
+        t = draws["t"]                                                     # [B]
+        xt, v = interpolate(x0, draws["noise"], t)
+        v_pred, hidden = self.net(xt, t, batch[LABEL], align_depth=self.depth,
+                                  label_drop=draws["drop"])
         out = {"loss_v": flow_loss(v_pred, v)}
         total = out["loss_v"]
         if self.projector is not None:

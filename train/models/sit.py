@@ -72,9 +72,13 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout = num_classes, dropout
         self.table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, train: bool, drop: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`drop` [B] bool: the labels to replace by the null class in training; drawn
+        here with probability `dropout` when not given."""
         if train and self.dropout > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout
+            if drop is None:
+                drop = torch.rand(y.shape, device=y.device) < self.dropout
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return self.table(y)                                               # [B, D]
 
@@ -169,12 +173,13 @@ class SiT(nn.Module):
         return unpatchify(x, self.patch, self.in_channels, self.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                align_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                align_depth: int | None = None, label_drop: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels (num_classes = null).
         Returns the velocity [B, C, H, W] and, if align_depth = k, the hidden state output
         by block k (1-indexed) [B, N, D]."""
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)           # [B, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, label_drop)  # [B, D]
         hidden = None
         for k, block in enumerate(self.blocks, start=1):
             if self.checkpointing and self.training:

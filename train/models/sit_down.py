@@ -175,7 +175,8 @@ class SiTDown(nn.Module):
         return block(h, c, cos, sin)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                align_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                align_depth: int | None = None, label_drop: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels. Returns the velocity
         and, if align_depth = k, the hidden state output by block k (1-indexed) [B, N_k, D]
         (N_k = 64 inside the middle stage at 256 px, else 256)."""
@@ -183,7 +184,7 @@ class SiTDown(nn.Module):
         fine = (self.rope_fine_cos, self.rope_fine_sin)
         coarse = (self.rope_coarse_cos, self.rope_coarse_sin)
         h = to_tokens(self.x_embedder(x))                                  # [B, 256, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)         # [B, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, label_drop)  # [B, D]
         hidden = skip = None
         for k, block in enumerate(self.blocks, start=1):
             if k == n1 + 1:                                                # 16x16 -> 8x8
