@@ -217,11 +217,29 @@ def _init_ray(cfg: EncodeConfig) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kw: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
+    kw.update(_shadow_guard())
     if cfg.address:
         ray.init(address=cfg.address, **kw)
     else:
         ray.init(num_cpus=cfg.num_cpus, **kw)
     return True
+
+
+def _shadow_guard() -> dict[str, Any]:
+    """Ray puts the driver's working directory on its workers' sys.path. A folder there
+    named like one of our packages (`--out cache` run from that directory, an image set's
+    `train/`) is then imported as an empty namespace package whenever the project is
+    installed in editable mode (its import hook runs after sys.path): "cannot import name
+    'CacheSpec' from 'cache' (unknown location)". Putting the packages' own directory on
+    the workers' PYTHONPATH makes the real packages win (a regular package anywhere on
+    sys.path beats a namespace folder)."""
+    import cache
+    cwd, home = Path.cwd(), Path(cache.__file__).resolve().parents[1]
+    if home == cwd.resolve() or not any((cwd / n).is_dir() for n in ("cache", "pipeline",
+                                                                       "train")):
+        return {}
+    path = os.pathsep.join(p for p in (str(home), os.environ.get("PYTHONPATH")) if p)
+    return {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,7 +183,8 @@ def test_killed_job_reruns_to_the_same_cache(ray_local, tmp_path):
     data = write_jpeg_folder(tmp_path / "data", classes=4, per_class=20)
     run_encode(_cfg(tmp_path / "ref", data, shard_size=2), log=lambda s: None)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--dataset", "imagefolder",
+    # the console script: its sys.path[0] is bin/, so only Ray's insertion brings the cwd
+    cmd = [str(Path(sys.executable).with_name("pipeline")), "encode", "--dataset", "imagefolder",
            "--data-dir", str(data), "--out", str(out), "--resolution", "64", "--vae", "tiny",
            "--teacher", "dinov2-tiny", "--random-weights", "--shard-size", "2",
            "--batch-size", "3", "--num-cpus", "2", "--no-progress"]
@@ -302,3 +304,19 @@ def test_local_weights_resume_from_other_paths(ray_local, images, tmp_path):
         **cfg, "vae": str(tmp_path / "vae2"), "teacher_weights": str(tmp_path / "teacher2.pth"),
         "batch_size": 5}), log=lambda s: None)
     assert summary["shards_encoded"] == 1 and open_cache(tmp_path / "c").verify().ok
+
+
+def test_a_folder_named_like_a_package_in_the_working_directory(images, tmp_path):
+    """Ray puts the driver's working directory on its workers' sys.path; a `cache/` there
+    (say, the output of an earlier run) must not replace the `cache` package in them."""
+    (tmp_path / "cache").mkdir()
+    # the console script: its sys.path[0] is bin/, so only Ray's insertion brings the cwd
+    cmd = [str(Path(sys.executable).with_name("pipeline")), "encode", "--dataset", "imagefolder",
+           "--data-dir", str(images), "--out", str(tmp_path / "out"), "--resolution", "64",
+           "--vae", "tiny", "--teacher", "dinov2-tiny", "--random-weights", "--limit", "4",
+           "--shard-size", "2", "--num-cpus", "2", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert open_cache(tmp_path / "out").verify().ok
