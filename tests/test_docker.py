@@ -246,15 +246,19 @@ def _subparser(parser: argparse.ArgumentParser, name: str, where: str):
     return sub.choices[name]
 
 
-def _check_pipeline(argv: list[str], where: str) -> None:
-    from pipeline.cli import build_parser
-    parser = build_parser()
-    if argv[0].startswith("-"):             # pipeline --help
+def _parse_command(parser: argparse.ArgumentParser, argv: list[str], where: str):
+    """`prog SUBCOMMAND ...` through the real parser; None for a bare `prog --help`."""
+    if argv[0].startswith("-"):
         _parse(parser, argv, where)
-        return
+        return None
     sp = _subparser(parser, argv[0], where)
     _exact_options(sp, argv[1:], where)
-    _parse(parser, [argv[0]] + _fill(sp, argv[1:]), where)
+    return _parse(parser, [argv[0]] + _fill(sp, argv[1:]), where)
+
+
+def _check_pipeline(argv: list[str], where: str) -> None:
+    from pipeline.cli import build_parser
+    _parse_command(build_parser(), argv, where)
 
 
 def _check_train(argv: list[str], where: str) -> None:
@@ -262,14 +266,8 @@ def _check_train(argv: list[str], where: str) -> None:
 
     from train.cli import build_parser
     from train.config import TrainConfig, load_config
-    parser = build_parser()
-    if argv[0].startswith("-"):             # train --help
-        _parse(parser, argv, where)
-        return
-    sp = _subparser(parser, argv[0], where)
-    _exact_options(sp, argv[1:], where)
-    ns = _parse(parser, [argv[0]] + _fill(sp, argv[1:]), where)
-    if argv[0] != "run":
+    ns = _parse_command(build_parser(), argv, where)
+    if ns is None or argv[0] != "run":
         return
     config = None if _placeholder(ns.config) else _repo_path(ns.config)
     assert config is None or config.is_file(), f"{where}: {ns.config} is not in the repo"
