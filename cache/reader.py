@@ -59,8 +59,8 @@ class VerifyReport:
 
 def open_cache(path: str | os.PathLike, *, allow_partial: bool = False,
                backend: str | None = None) -> CacheDataset:
-    """Open a cache: a directory or an fsspec URL (s3://bucket/in1k-256). Raises NotACacheError, FormatVersionError, or
-    IncompleteCacheError (unless `allow_partial`, which serves the shards that are done).
+    """Open a cache: a directory or an fsspec URL (s3://bucket/in1k-256). Raises
+    NotACacheError, FormatVersionError, or IncompleteCacheError (unless `allow_partial`, which serves the shards that are done).
     `backend` picks zarr or wds when both were written (default: the first written)."""
     return CacheDataset(path, allow_partial=allow_partial, backend=backend)
 

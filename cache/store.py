@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
 
 def is_url(root: str | os.PathLike) -> bool:
     return isinstance(root, str) and ("://" in root or "::" in root)
@@ -40,7 +43,6 @@ class Store:
             root = root.name
         self.name = os.fspath(root)
         if is_url(self.name):
-            import fsspec
             try:
                 self.fs, path = fsspec.core.url_to_fs(self.name)
             except (ImportError, ValueError) as e:  # unknown protocol, s3fs not installed
@@ -48,10 +50,9 @@ class Store:
             self.path = path.rstrip("/")
             self.local: Path | None = None
         else:
-            from fsspec.implementations.local import LocalFileSystem
             self.fs, self.local = LocalFileSystem(), Path(self.name)
             self.path = str(self.local.absolute())
-        self.posix = type(self.fs).__name__ == "LocalFileSystem"  # renames are atomic
+        self.posix = isinstance(self.fs, LocalFileSystem)  # renames are atomic
 
     @classmethod
     def of(cls, root: str | os.PathLike | Store) -> Store:

@@ -51,11 +51,6 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def sha256_file(path: str | Path) -> str:
-    path = Path(path)
-    return Store(path.parent).sha256(path.name)
-
-
 def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
     keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}: existing {a.get(k)!r} vs requested {b.get(k)!r}"

@@ -82,28 +82,15 @@ class Cluster:
         raise TimeoutError(f"{n} Ray nodes never came up: "
                            + (self.log_dir / "head.log").read_text()[-2000:])
 
-    def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL a node: its `ray start`, raylet and every worker process it started."""
-        for pid in self._pids(proc):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-
     @staticmethod
-    def _pids(proc: subprocess.Popen) -> list[int]:
-        """The node's processes: its process group (raylet, workers, agents)."""
-        out = []
-        for p in Path("/proc").iterdir():
-            if not p.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(p.name)) == proc.pid:
-                    out.append(int(p.name))
-            except ProcessLookupError:
-                pass
-        return out
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL a node: its process group holds `ray start`, the raylet, its agents and
+        every worker process it started."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
     def shutdown(self) -> None:
         for proc in self.nodes:

@@ -7,6 +7,7 @@ from collections import Counter
 import fsspec
 import numpy as np
 import pytest
+import torch
 from conftest import small_spec
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -53,11 +54,7 @@ def test_memory_url_holds_the_same_cache_as_a_directory(tmp_path, memory_url, ba
     for x, y in zip(_batches(tmp_path / "local", backend), _batches(memory_url, backend),
                     strict=True):
         for name in x:
-            assert torch_equal(x[name], y[name])
-
-
-def torch_equal(a, b):
-    return a.shape == b.shape and bool((a == b).all())
+            assert torch.equal(x[name], y[name])
 
 
 def test_remote_verify_finds_damage_and_partial_caches_resume(memory_url):

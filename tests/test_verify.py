@@ -46,7 +46,7 @@ def test_nan_in_stored_data_is_found(make_cache):
     import numpy as np
     import zarr
 
-    from cache.writer import sha256_file
+    from cache.store import Store
     path, spec = make_cache(backends=("zarr",))
     arr = zarr.open_array(path / "zarr" / "cls", mode="r+")
     block = arr[16:32]
@@ -56,7 +56,7 @@ def test_nan_in_stored_data_is_found(make_cache):
     marker = json.loads(marker_path.read_text())
     rel = "zarr/cls/c/1/0/0"
     marker["files"][rel] = {"bytes": (path / rel).stat().st_size,
-                            "sha256": sha256_file(path / rel)}
+                            "sha256": Store(path).sha256(rel)}
     marker_path.write_text(json.dumps(marker))
     report = open_cache(path).verify()
     assert report.bad_shards == {"zarr": [1]} and "NaN/Inf in samples [21]" in str(report)

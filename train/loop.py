@@ -164,11 +164,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     cpu = not torch.cuda.is_available()
     dist = PartialState(cpu=cpu)
     world = dist.num_processes
-    micro, accum = cfg.accumulation(world)
     saved = run_dir / "config.yaml"   # a resumed run keeps its streams
     cfg.data.streams = (cfg.data.streams or (saved.exists() and load_config(saved).data.streams)
                         or world)
-    cfg.accumulation(world)   # checks the streams against the processes
+    micro, accum = cfg.accumulation(world)   # also checks the streams against the processes
     ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
     check = check_cache(ds, cfg)
     _check_resume_config(run_dir, cfg)
@@ -277,12 +276,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         wait = time.perf_counter() - t_step
         if cfg.log_samples:
             _log_samples(acc, samples_path, state.step + 1, indices)
-        draws = {}
+        parts = []
         for stream in loader.own:                  # each stream's draws, in batch order
             draw_gen.manual_seed(stream_seed(cfg.seed, state.step, stream))
-            d = step_draws(per_stream, tuple(batch[MOMENTS].shape[1:]), m.label_dropout,
-                           generator=draw_gen, device=acc.device)
-            draws = {k: torch.cat([draws[k], v]) if k in draws else v for k, v in d.items()}
+            parts.append(step_draws(per_stream, tuple(batch[MOMENTS].shape[1:]),
+                                    m.label_dropout, generator=draw_gen, device=acc.device))
+        draws = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for k in range(accum):
             part = slice(k * micro, (k + 1) * micro)
             sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)

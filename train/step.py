@@ -65,7 +65,7 @@ class Student(nn.Module):
         moments = batch[MOMENTS]
         if draws is None:
             draws = step_draws(len(moments), tuple(moments.shape[1:]),
-                               getattr(self.net.y_embedder, "dropout", 0.0),
+                               self.net.y_embedder.dropout,
                                device=moments.device)
         mean, std = moments.float().chunk(2, dim=1)
         x0 = (mean + std * draws["eps"]) * self.latent_scale               # [B, C, h, w]
