@@ -161,3 +161,13 @@ def test_plot_draws_the_run_and_reports_a_missing_one(run_dir, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert train_main(["plot", str(tmp_path / "empty")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_decoded_pixels_are_quantized_as_repa_samples_them():
+    """REPA's generate.py (HASTE's, REG's): uint8(clamp(255 (x + 1) / 2)), truncated, so
+    0.0 -> 127 (DiT's +0.5 would give 128)."""
+    import torch
+
+    from train.vae import to_uint8
+    x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.999, 1.0, 2.0])
+    assert to_uint8(x).tolist() == [0, 0, 0, 127, 254, 255, 255]

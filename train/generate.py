@@ -33,11 +33,10 @@ from cache.format import atomic_file, atomic_write_json
 
 from .loop import CHECKPOINT_FILES, checkpoints
 from .models import build_model
-from .sampling import guided, sample_ode, sample_sde
+from .sampling import ODE_METHODS, SDE_LAST_STEPS, Guidance, sample_ode, sample_sde
 from .vae import Decoder
 
 MODES = ("sde", "ode")
-ODE_METHODS = ("heun", "euler")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_STEPS = {"sde": 250, "ode": 50}
 # settings a rerun into the same directory may change (the rest fix what sample i is)
@@ -56,6 +55,7 @@ class SampleSettings:
     mode: str = "sde"                   # sde (every paper number) or ode
     steps: int | None = None            # None: 250 for sde, 50 for ode
     ode_method: str = "heun"
+    sde_last_step: str = "drift"        # drift (REPA's sampler, the papers) or denoise
     batch_size: int = 64                # per process
     seed: int = 0
     weights: str = "ema"                # ema or model (the raw trained weights)
@@ -74,6 +74,8 @@ class SampleSettings:
              "interval", "must be LO,HI with 0 <= LO <= HI <= 1"),
             (self.mode in MODES, "mode", f"choose one of {MODES}"),
             (self.ode_method in ODE_METHODS, "ode_method", f"choose one of {ODE_METHODS}"),
+            (self.sde_last_step in SDE_LAST_STEPS, "sde_last_step",
+             f"choose one of {SDE_LAST_STEPS}"),
             (self.steps is not None and self.steps >= 2, "steps", "must be >= 2"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.seed >= 0, "seed", "must be >= 0"),
@@ -151,12 +153,13 @@ def sample_block(net: torch.nn.Module, s: SampleSettings, generator: torch.Gener
     draw (labels, then noise, then the SDE's) comes from `generator`."""
     labels = draw_labels(generator, shape[0], num_classes)
     noise = torch.randn(shape, generator=generator, device=generator.device)
-    v = guided(velocity_fn(net, PRECISIONS[s.precision]), null_label=num_classes,
-               scale=s.cfg, interval=s.interval)
+    v = velocity_fn(net, PRECISIONS[s.precision])
+    g = Guidance(scale=s.cfg, null_label=num_classes, interval=s.interval)
     if s.mode == "sde":
-        z = sample_sde(v, noise, labels, steps=s.steps, generator=generator)
+        z = sample_sde(v, noise, labels, steps=s.steps, guidance=g, generator=generator,
+                       last_step=s.sde_last_step)
     else:
-        z = sample_ode(v, noise, labels, steps=s.steps, method=s.ode_method)
+        z = sample_ode(v, noise, labels, steps=s.steps, method=s.ode_method, guidance=g)
     return z, labels
 
 

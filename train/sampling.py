@@ -1,84 +1,129 @@
 """Samplers for the linear path x_t = (1 - t) x0 + t eps (methods.md section 5).
 
-They take any velocity function v(x, t, y) -> [B, ...], so tests can check them against
-data whose exact velocity field is known. Time runs from t = 1 (noise) to 0 (data).
+Every FID in the REPA, U-REPA, HASTE and REG papers comes from REPA's `samplers.py`; these
+follow it step for step (docs/sampling.md, "Parity with the reference"):
 
-    SDE (Euler-Maruyama, every number in the papers): 250 points linearly from 1.0 to
-        0.04, stochastic steps, then one deterministic step to 0.
-        score s = (-(1 - t) v - x) / t,  drift d = v - w(t)/2 * s,  w(t) = 2t (REPA's code)
-        x <- x + d dt + sqrt(w(t) |dt|) xi       (dt < 0)
-    ODE: Euler or Heun on a uniform grid 1 -> 0 (50 steps); Heun adds a corrector except
-        on the last step.
-    CFG: on the drift (SDE) or the velocity (ODE), all channels: d = d_u + s (d_c - d_u),
-        only while t_low <= t <= t_high (the guidance interval, [0, 0.7] in the papers).
+    state     float64 throughout; the model sees x and t cast to the noise's dtype
+    SDE       Euler-Maruyama over `steps` points linearly from 1.0 to 0.04, then one last
+              deterministic step from 0.04 to 0 along the drift, without noise:
+                score s = (-(1 - t) v - x) / t,  drift d = v - w(t)/2 * s,  w(t) = 2t
+                x <- x + d dt + sqrt(w(t)) sqrt(|dt|) xi         (dt < 0), last: x + d dt
+              `steps` model evaluations (x2 inside the guidance interval).
+    ODE       Euler or Heun on a uniform grid of steps + 1 points from 1 to 0; Heun adds a
+              corrector at t_next, except on the last step.
+    CFG       on the drift (SDE) or the velocity (ODE), all channels:
+                d = d_u + s (d_c - d_u),  one batched call on [x; x] with [y; null]
+              A step is guided when s > 1 and lo <= t_cur <= hi, t_cur the float64 time at
+              the start of the step; Heun's corrector, evaluated at t_next, follows the
+              decision of its step's t_cur.
+
+The samplers take any velocity function v(x, t, y) -> [B, ...], so tests can check them
+against data whose exact velocity field is known. Time runs from t = 1 (noise) to 0.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ODE_METHODS = ("heun", "euler")
+# the SDE's last step from t_last to 0: "drift" as REPA's sampler (every paper number);
+# "denoise" x - t v, the model's estimate of E[x0 | x_t] (this project's earlier default)
+SDE_LAST_STEPS = ("drift", "denoise")
 
 
-def guided(velocity: Velocity, null_label: int, scale: float,
-           interval: tuple[float, float] = (0.0, 1.0)) -> Velocity:
-    """Classifier-free guidance around a conditional velocity function: one batched call
-    on [x; x] with [y; null] while t is inside `interval`, the conditional branch alone
-    outside it (and when scale == 1)."""
-    lo, hi = interval
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: `scale` (1: none), the null label of the unconditional
+    branch, and the interval of t in which it acts ([0, 0.7] in the papers)."""
+    scale: float = 1.0
+    null_label: int = 1000
+    interval: tuple[float, float] = (0.0, 1.0)
 
-    def v(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t0 = float(t.flatten()[0])
-        if scale == 1.0 or not lo <= t0 <= hi:
-            return velocity(x, t, y)
-        both = velocity(torch.cat([x, x]), torch.cat([t, t]),
-                        torch.cat([y, torch.full_like(y, null_label)]))
-        cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
-    return v
+    def active(self, t_cur: float) -> bool:
+        """Whether the step that starts at `t_cur` (a float64 grid value) is guided."""
+        lo, hi = self.interval
+        return self.scale > 1.0 and lo <= t_cur <= hi
+
+    def null(self, t_cur: float) -> int | None:
+        """The null label for the calls of the step that starts at `t_cur`, if guided."""
+        return self.null_label if self.active(t_cur) else None
 
 
-def _score(v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    return (-(1 - t) * v - x) / t
+NO_GUIDANCE = Guidance()
+
+
+def _evaluate(velocity: Velocity, x: torch.Tensor, t: float, y: torch.Tensor,
+              null: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The model's velocity at (x, t) in float64: (conditional,), or with a `null` label
+    (conditional, unconditional) from one call on [x; x] with [y; null]."""
+    if null is not None:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null)])
+    t_in = torch.full((len(x),), t, dtype=dtype, device=x.device)
+    v = velocity(x.to(dtype), t_in, y).to(torch.float64)
+    return (v,) if null is None else v.chunk(2)
+
+
+def _combine(parts: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """u + s (c - u) of (c, u), or c alone."""
+    if len(parts) == 1:
+        return parts[0]
+    cond, uncond = parts
+    return uncond + scale * (cond - uncond)
+
+
+def _drift(v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """d = v - w(t)/2 * s with w(t) = 2t and the score of the linear path from v."""
+    score = (-(1 - t) * v - x) / t
+    return v - 0.5 * (2 * t) * score
 
 
 @torch.no_grad()
 def sample_sde(velocity: Velocity, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 250,
-               t_last: float = 0.04, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Euler-Maruyama from t = 1 to t_last over `steps` points, then a deterministic step
-    to 0. With guidance, pass `guided(...)`: guiding v guides the drift, since the drift
-    is linear in v."""
-    ts = torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist()
-    x = noise
-    for t, t_next in zip(ts[:-1], ts[1:]):
+               t_last: float = 0.04, guidance: Guidance = NO_GUIDANCE,
+               generator: torch.Generator | None = None, last_step: str = "drift"
+               ) -> torch.Tensor:
+    """Euler-Maruyama from t = 1 to t_last over `steps` points, then one deterministic
+    step to 0 (`last_step`: "drift" as the reference, or "denoise": x - t v). The
+    per-step noise is float64, drawn from `generator`. Returns noise's dtype."""
+    if last_step not in SDE_LAST_STEPS:
+        raise ValueError(f"last_step={last_step!r}: choose one of {SDE_LAST_STEPS}")
+    ts = torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
+    x = noise.to(torch.float64)
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t_next - t                                                    # < 0
-        v = velocity(x, torch.full((len(x),), t, device=x.device), y)
-        w = 2 * t
-        drift = v - 0.5 * w * _score(v, x, t)
-        xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + drift * dt + (w * abs(dt)) ** 0.5 * xi
-    t = ts[-1]                                                             # last: to 0
-    v = velocity(x, torch.full((len(x),), t, device=x.device), y)
-    return x + v * (0.0 - t)
+        parts = _evaluate(velocity, x, t, y, guidance.null(t), noise.dtype)
+        if i == steps - 1 and last_step == "denoise":
+            return (x + _combine(parts, guidance.scale) * dt).to(noise.dtype)
+        d = _combine([_drift(v, x, t) for v in parts], guidance.scale)
+        if i == steps - 1:                                                 # to 0: no noise
+            return (x + d * dt).to(noise.dtype)
+        xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        x = x + d * dt + math.sqrt(2 * t) * (xi * math.sqrt(abs(dt)))
+    raise ValueError(f"steps={steps}: the SDE needs at least 1 step")
 
 
 @torch.no_grad()
 def sample_ode(velocity: Velocity, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 50,
-               method: str = "heun") -> torch.Tensor:
-    """Euler or Heun on a uniform grid from 1 to 0 (Heun: no corrector on the last step)."""
-    if method not in ("euler", "heun"):
-        raise ValueError(f"method={method!r}: choose 'euler' or 'heun'")
+               method: str = "heun", guidance: Guidance = NO_GUIDANCE) -> torch.Tensor:
+    """Euler or Heun on a uniform grid from 1 to 0 (Heun: no corrector on the last step).
+    Returns noise's dtype."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"method={method!r}: choose one of {ODE_METHODS}")
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    x = noise
+    x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t_next - t
-        v = velocity(x, torch.full((len(x),), t, device=x.device), y)
-        x_euler = x + v * dt
-        if method == "euler" or i == steps - 1:
-            x = x_euler
-        else:
-            v2 = velocity(x_euler, torch.full((len(x),), t_next, device=x.device), y)
-            x = x + 0.5 * (v + v2) * dt
-    return x
+        null = guidance.null(t)                 # the corrector follows its step's t_cur
+        d = _combine(_evaluate(velocity, x, t, y, null, noise.dtype), guidance.scale)
+        x_next = x + dt * d
+        if method == "heun" and i < steps - 1:
+            d2 = _combine(_evaluate(velocity, x_next, t_next, y, null, noise.dtype),
+                          guidance.scale)
+            x_next = x + dt * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x.to(noise.dtype)

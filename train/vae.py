@@ -1,6 +1,6 @@
 """The VAE decoder that turns sampled latents into images (methods.md section 5).
 
-    x = VAE.decode(z / scale);  image = uint8(clamp(255 * (x + 1) / 2, 0, 255)), rounded
+    x = VAE.decode(z / scale);  image = uint8(clamp(255 * (x + 1) / 2, 0, 255)), truncated
 
 Which decoder (`--vae` of `train sample`, `sample.vae` of the training previews):
   auto (default)  the cache's own VAE when it was random-init (rebuilt from the config and
@@ -100,7 +100,11 @@ class Decoder:
                else contextlib.nullcontext())
         with ctx:
             x = self.vae.decode(z.to(dev, torch.float32) / self.scale).sample
-        # methods.md section 5: 255 (x + 1) / 2 clamped to uint8; written 127.5 x + 128 and
-        # truncated, i.e. rounded to nearest, as DiT's and REPA's samplers do
-        x = x.float() * 127.5 + 128.0
-        return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return to_uint8(x).permute(0, 2, 3, 1).cpu()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels in [-1, 1] -> uint8 as REPA's generate.py (and HASTE's, REG's): 255 *
+    (x + 1) / 2 clamped and truncated, so 0.0 -> 127. DiT's sampler adds 0.5 before the
+    truncation (rounds; 0.0 -> 128): images 0.5 levels brighter on average."""
+    return (255.0 * ((x.float() + 1) / 2)).clamp(0, 255).to(torch.uint8)
