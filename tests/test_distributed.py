@@ -18,7 +18,7 @@ from conftest import write_structured_cache
 from safetensors.torch import load_file
 
 from cache import CacheSpec
-from train.loop import checkpoints
+from train.checkpoint import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = CacheSpec(num_samples=96, shard_size=32, latent_size=8, tokens=16, token_dim=32)

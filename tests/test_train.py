@@ -17,7 +17,8 @@ from conftest import tiny_run_config, write_structured_cache
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
 from train.data import check_cache
-from train.loop import checkpoints, train
+from train.checkpoint import checkpoints
+from train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = CacheSpec(num_samples=96, shard_size=32, latent_size=8, tokens=16, token_dim=32)

@@ -2,6 +2,7 @@
 
     train run CONFIG.yaml [key=value ...] [--dry-run]
     train sample RUN_DIR_OR_CHECKPOINT [--num 50000 --cfg 1.65 --mode sde ...] [--out DIR]
+    train convert SOURCE OUT        a REPA-family .pt <-> our checkpoint layout
     train eval SAMPLES.npz --ref REFERENCE.npz [--inception PATH]
     train plot RUN_DIR [--out PNG]
 
@@ -24,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="check the config against the cache, print the plan, train nothing")
     _sample_parser(sub)
+    cv = sub.add_parser("convert", help="a REPA-family .pt file <-> our checkpoint layout",
+                        description="A REPA / HASTE checkpoint file becomes one of our "
+                        "checkpoint directories (for model.init_from=, train sample); one of "
+                        "our SiT checkpoints becomes a .pt file that REPA's generate.py loads")
+    cv.add_argument("source", help="a REPA-family .pt file, or a run / checkpoint directory")
+    cv.add_argument("out", help="the new checkpoint directory, or the new .pt file")
+    cv.add_argument("--arch", default=None,
+                    help="the SiT size of a REPA-family file (default: from its shapes)")
     ev = sub.add_parser("eval", help="FID, IS, precision and recall of a samples .npz")
     ev.add_argument("samples", help="an .npz with arr_0 uint8 [N, H, W, 3] (train sample)")
     ev.add_argument("--ref", required=True,
@@ -51,12 +60,19 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def _sample_parser(sub) -> None:
+    from .checkpoint import FORMATS
     from .generate import SampleSettings
+    from .sampling import ODE_METHODS, SDE_LAST_STEPS
     d = SampleSettings()
     s = sub.add_parser("sample", help="sample images from a run or checkpoint (EMA weights)",
                        description="Resumable: rerun the same command to finish an "
                        "interrupted job. Multi-GPU: accelerate launch -m train.cli sample ...")
-    s.add_argument("source", help="a run directory (its newest checkpoint) or a checkpoint")
+    s.add_argument("source", help="a run directory (its newest checkpoint), a checkpoint, or "
+                   "a REPA-family .pt file (REPA's, HASTE's SiT; their 'ema' weights)")
+    s.add_argument("--checkpoint-format", choices=FORMATS, default="auto",
+                   help="auto: a directory is ours, a file the REPA family's")
+    s.add_argument("--arch", default=None,
+                   help="the SiT size of a REPA-family file (default: from its shapes)")
     s.add_argument("--out", default=None,
                    help="output directory (default RUN_DIR/samples/<step>-<mode>-cfg<cfg>-"
                         "seed<seed>)")
@@ -69,7 +85,10 @@ def _sample_parser(sub) -> None:
                    help="guidance only for t in LO,HI (default 0,0.7)")
     s.add_argument("--mode", choices=("sde", "ode"), default=d.mode)
     s.add_argument("--steps", type=int, default=None, help="default 250 (sde), 50 (ode)")
-    s.add_argument("--ode-method", choices=("heun", "euler"), default=d.ode_method)
+    s.add_argument("--ode-method", choices=ODE_METHODS, default=d.ode_method)
+    s.add_argument("--sde-last-step", choices=SDE_LAST_STEPS, default=d.sde_last_step,
+                   help="the SDE's step from t=0.04 to 0: along the drift, as REPA's sampler "
+                        "(every paper number), or 'denoise' (x - t v)")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--weights", choices=("ema", "model"), default=d.weights)
@@ -85,7 +104,8 @@ def _sample_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from cache import CacheError, open_cache
 
-    from .config import ConfigError, load_config
+    from .checkpoint import CheckpointError, check_init, checkpoints
+    from .config import ConfigError, load_config, model_geometry
     from .data import check_cache
     from .loop import NonFiniteLoss, train
     from .vae import DecoderError
@@ -97,11 +117,17 @@ def run(args: argparse.Namespace) -> int:
             for w in check.warnings:
                 print(f"WARNING: {w}")
             print(check.summary)
+            if cfg.model.init_from and checkpoints(cfg.run_dir):
+                print(f"would resume {cfg.run_dir}: model.init_from is not used")
+            elif cfg.model.init_from:
+                ck = check_init(cfg.model.init_from, cfg.model.arch, **model_geometry(cfg))
+                print(f"would start from {ck.path} ({ck.format} checkpoint, step {ck.step}; "
+                      f"weights: {', '.join(sorted(ck.states))})")
             print(f"would train {cfg.model.arch} (align {cfg.align.method}) for "
                   f"{cfg.max_steps:,} steps of {cfg.batch_size} into {cfg.run_dir}")
             return 0
         last = train(cfg)
-    except (ConfigError, CacheError, DecoderError) as e:
+    except (ConfigError, CacheError, DecoderError, CheckpointError) as e:
         print(f"train run: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
@@ -113,21 +139,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
-    from .generate import SampleError, SampleSettings, generate, resolve_checkpoint
+    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .generate import SampleError, SampleSettings, default_out, generate
     from .vae import DecoderError
     try:
         s = SampleSettings(num=args.num, cfg=args.cfg, interval=args.interval, mode=args.mode,
                            steps=args.steps, ode_method=args.ode_method,
-                           batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                           vae=args.vae, precision=args.precision, grid=args.grid,
-                           npz=args.npz)
-        out = args.out
-        if out is None:
-            ckpt = resolve_checkpoint(args.source)
-            out = ckpt.parent.parent / "samples" / (
-                f"{ckpt.name}-{s.mode}{s.steps}-cfg{s.cfg:g}-seed{s.seed}")
-        summary = generate(args.source, out, s)
-    except (SampleError, DecoderError) as e:
+                           sde_last_step=args.sde_last_step, batch_size=args.batch_size,
+                           seed=args.seed, weights=args.weights, vae=args.vae,
+                           precision=args.precision, grid=args.grid, npz=args.npz)
+        out = args.out or default_out(resolve_checkpoint(args.source,
+                                                         args.checkpoint_format)[0], s)
+        summary = generate(args.source, out, s, checkpoint_format=args.checkpoint_format,
+                           arch=args.arch)
+    except (SampleError, DecoderError, CheckpointError) as e:
         print(f"train sample: {e}", file=sys.stderr)
         return 2
     if "grid" in summary or "npz" in summary:  # the main process
@@ -136,6 +161,18 @@ def sample(args: argparse.Namespace) -> int:
         for key in ("grid", "npz"):
             if key in summary:
                 print(f"  {key}: {summary[key]}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, convert_checkpoint
+    try:
+        out, ck = convert_checkpoint(args.source, args.out, arch=args.arch)
+    except CheckpointError as e:
+        print(f"train convert: {e}", file=sys.stderr)
+        return 2
+    print(f"{ck.path} ({ck.format}, {ck.arch}, step {ck.step}, weights: "
+          f"{', '.join(sorted(ck.states))}{', projector' if ck.projector else ''}) -> {out}")
     return 0
 
 
@@ -168,7 +205,8 @@ def plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"run": run, "sample": sample, "eval": evaluate, "plot": plot}[args.command](args)
+    return {"run": run, "sample": sample, "convert": convert, "eval": evaluate,
+            "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":

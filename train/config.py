@@ -44,6 +44,10 @@ class ModelConfig:
     label_dropout: float = 0.1
     checkpointing: bool = False      # activation checkpointing: memory for ~30% more compute
     compile: bool = False            # torch.compile the model
+    init_from: Optional[str] = None  # start (step 0 only) from a checkpoint's weights: one of
+    #                                  ours, `train convert`'s output, or a REPA-family .pt
+    #                                  (REPA's, HASTE's SiT). Weights, EMA, projector; the
+    #                                  optimizer starts fresh
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -207,6 +211,13 @@ class TrainConfig:
             raise ConfigError(f"micro_batch_size={micro} must divide the per-device batch "
                               f"{per_device} (batch_size {self.batch_size} / {world_size})")
         return micro, per_device // micro
+
+
+def model_geometry(cfg: TrainConfig) -> dict[str, int]:
+    """The build_model arguments that fix the weights' shapes besides the arch."""
+    m = cfg.model
+    return {"latent_size": m.latent_size, "in_channels": m.in_channels,
+            "num_classes": m.num_classes}
 
 
 # Keys that may change when a run is resumed: they do not change what is computed.

@@ -31,8 +31,7 @@ import torch
 
 from cache.format import atomic_file, atomic_write_json
 
-from .loop import CHECKPOINT_FILES, checkpoints
-from .models import build_model
+from .checkpoint import load_backbone
 from .sampling import ODE_METHODS, SDE_LAST_STEPS, Guidance, sample_ode, sample_sde
 from .vae import Decoder
 
@@ -88,40 +87,12 @@ class SampleSettings:
                 raise SampleError(f"{name}={getattr(self, name)!r}: {why}")
 
 
-# ------------------------------------------------------------------------ checkpoints
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
-    p = Path(path)
-    if (p / "checkpoint.json").is_file():
-        return p
-    found = checkpoints(p)
-    if found:
-        return found[-1]
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        raise SampleError(f"{p} has no complete checkpoint yet (train longer, or lower "
-                          "checkpoint_every)")
-    raise SampleError(f"{p} is neither a run directory nor a checkpoint (one with "
-                      "checkpoint.json, e.g. RUN_DIR/checkpoints/step_00400000)")
-
-
-def load_generator(ckpt: Path, weights: str = "ema") -> tuple[torch.nn.Module, dict]:
-    """The backbone with its EMA (or raw) weights, in eval mode on the CPU, and the
-    checkpoint's metadata (arch, flat config, latent scale, cache info)."""
-    meta = json.loads((ckpt / "checkpoint.json").read_text())
-    cfg = meta["config"]
-    files = meta.get("files", CHECKPOINT_FILES)
-    net = build_model(meta["arch"], latent_size=cfg["model.latent_size"],
-                      in_channels=cfg["model.in_channels"],
-                      num_classes=cfg["model.num_classes"])
-    if weights == "ema":
-        state = torch.load(ckpt / files["ema"], map_location="cpu", weights_only=True)
-    else:  # the trained student: strip DDP's "module." and keep the backbone's "net."
-        from safetensors.torch import load_file
-        raw = load_file(ckpt / files["model"])
-        state = {k.removeprefix("module.").removeprefix("net."): v for k, v in raw.items()
-                 if k.removeprefix("module.").startswith("net.")}
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False), meta
+def default_out(ckpt: Path, s: SampleSettings) -> Path:
+    """RUN_DIR/samples/step_N-sde250-cfg1.65-seed0 (for a file: beside it, by its stem)."""
+    name = f"{s.mode}{s.steps}-cfg{s.cfg:g}-seed{s.seed}"
+    if ckpt.is_file():
+        return ckpt.parent / "samples" / f"{ckpt.stem}-{name}"
+    return ckpt.parent.parent / "samples" / f"{ckpt.name}-{name}"
 
 
 # ------------------------------------------------------------------------ sampling
@@ -242,17 +213,18 @@ def _check_settings(out: Path, record: dict[str, Any]) -> None:
 
 
 def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
+             checkpoint_format: str = "auto", arch: str | None = None,
              log=print) -> dict[str, Any]:
-    """Sample s.num images from a run or checkpoint into `out` (resuming what is there).
-    Returns a summary (paths, counts, speed) on the main process."""
+    """Sample s.num images from a run, one of our checkpoints or a REPA-family file (see
+    train/checkpoint.py) into `out` (resuming what is there). Returns a summary (paths,
+    counts, speed) on the main process."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    ckpt = resolve_checkpoint(source)
     out = Path(out)
-    net, meta = load_generator(ckpt, s.weights)
-    cfg = meta["config"]
+    net, ck = load_backbone(source, weights=s.weights, fmt=checkpoint_format, arch=arch)
+    cfg, meta = ck.meta["config"], ck.meta
     num_classes = int(cfg["model.num_classes"])
     size = int(cfg["model.latent_size"])
     shape = (s.batch_size, int(cfg["model.in_channels"]), size, size)
@@ -260,8 +232,9 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     if s.cfg > 1 and float(cfg.get("model.label_dropout", 0.1)) == 0:
         warnings.append("cfg > 1 with a model trained without label dropout: its null class "
                         "was never trained, guidance is meaningless")
-    record = {"checkpoint": str(ckpt.absolute()), "step": meta.get("step"),
-              **dataclasses.asdict(s), "interval": list(s.interval)}
+    record = {"checkpoint": str(ck.path.absolute()), "checkpoint_format": ck.format,
+              "arch": ck.arch, "step": ck.step, **dataclasses.asdict(s),
+              "interval": list(s.interval)}
     _check_settings(out, record)        # every process, before the main one rewrites it
     state.wait_for_everyone()
     if state.is_main_process:
@@ -275,8 +248,9 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     if state.is_main_process:
         for w in warnings + decoder.warnings:
             log(f"WARNING: {w}")
-        log(f"sampling {s.num:,} images from {ckpt} (step {meta.get('step')}, {s.weights} "
-            f"weights, {meta['arch']}): {s.mode} {s.steps} steps, cfg {s.cfg} on "
+        kind = "" if ck.format == "ours" else f"{ck.format.upper()}-format checkpoint, "
+        log(f"sampling {s.num:,} images from {ck.path} ({kind}step {ck.step}, {s.weights} "
+            f"weights, {ck.arch}): {s.mode} {s.steps} steps, cfg {s.cfg} on "
             f"t in [{s.interval[0]}, {s.interval[1]}], {state.num_processes} process(es) x "
             f"batch {s.batch_size}; decoder: {decoder.source}")
     net.to(dev)

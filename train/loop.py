@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,16 +44,13 @@ import torch
 from cache import open_cache
 from cache.format import INDEX, MOMENTS, atomic_write_bytes, state_sha256
 
+from .checkpoint import CHECKPOINT_FILES, checkpoints, init_from_checkpoint
 from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
-                     load_config, to_yaml)
+                     load_config, model_geometry, to_yaml)
 from .data import cache_info, check_cache, make_loader
 from .models import build_model
 from .step import Student, step_draws, stream_seed
 
-CKPT_RE = re.compile(r"^step_(\d{8})$")
-# accelerate's file names for the prepared model and the first object registered for
-# checkpointing (the EMA), recorded in checkpoint.json for `train sample`
-CHECKPOINT_FILES = {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,12 +71,6 @@ class TrainState:
         # the main process saved its own loader state; epoch and position are the same
         # on every rank, the rank is ours
         self.loader.load_state_dict({**state["loader"], "rank": self.loader.rank})
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    d = run_dir / "checkpoints"
-    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name)) if d.is_dir() else []
 
 
 @torch.no_grad()
@@ -191,11 +181,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     m = cfg.model
-    net = build_model(m.arch, latent_size=m.latent_size, in_channels=m.in_channels,
-                      num_classes=m.num_classes, label_dropout=m.label_dropout,
+    net = build_model(m.arch, **model_geometry(cfg), label_dropout=m.label_dropout,
                       checkpointing=m.checkpointing)
     student = Student(net, cfg.align, latent_scale=check.latent_scale)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
+    if m.init_from and not checkpoints(run_dir):   # a resume has its own weights
+        say(init_from_checkpoint(m.init_from, net, ema, student.projector, m.arch,
+                                 **model_geometry(cfg)))
     n_params = sum(p.numel() for p in net.parameters())
     say(f"model {m.arch}: {n_params / 1e6:.1f}M parameters; align {cfg.align.method}"
         + (f" at block {student.depth}" if student.depth else "")

@@ -1,0 +1,573 @@
+"""Checkpoints: our layout and the REPA family's files, read by one function.
+
+Ours (written by `train run`, or by `train convert` from a REPA-family file):
+
+    step_00400000/
+      checkpoint.json        arch, flat config, latent scale, the cache's VAE, step, and
+                             "files": which file holds the EMA and which the trained model
+      model.safetensors      the trained student: "net.*" (backbone), "projector.*"
+      custom_checkpoint_0.pkl | ema.safetensors     the EMA backbone (files["ema"])
+      optimizer.bin, random_states_N.pkl, ...       train run only: what a resume needs
+
+The REPA family's (REPA's train.py, HASTE's; the released SiT-XL/2 file): one torch.save'd
+dict {"model": state dict, "ema": state dict, "opt", "args": argparse.Namespace, "steps"},
+or a bare state dict (taken as the EMA weights). Their SiT is ours parameter for parameter;
+the names that differ are written once, in KEY_MAP. `pos_embed`, a frozen parameter there
+and a buffer computed from the grid here, is checked against ours and not loaded.
+`decoder_blocks.J` (their --legacy files) are blocks.(J + the number of blocks.N).
+
+Nothing here unpickles code: torch files load with weights_only=True, and the only class
+allowed besides tensors and containers is argparse.Namespace (their "args"). Every name,
+number and tensor read from a checkpoint is checked before use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache.format import LATENT_SCALE, atomic_file, atomic_write_json
+
+from .models import ARCHS, build_model
+from .models.sit import SIT_SIZES, SiT, sincos_pos_embed
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+# accelerate's file names for the prepared model and the first object registered for
+# checkpointing (the EMA); a converted checkpoint names its own in checkpoint.json
+CHECKPOINT_FILES = {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"}
+FORMATS = ("auto", "ours", "repa")
+WEIGHTS = ("ema", "model")
+# what a model's shape may be, whatever a file says (a 4096 px image has a 512 latent)
+GEOMETRY_LIMITS = {"latent_size": (1, 512), "in_channels": (1, 64), "num_classes": (1, 100_000)}
+
+# REPA / HASTE SiT names <-> ours; {n} is a block index. Everything else has one name.
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("x_embedder.proj.", "x_embedder."),                     # timm PatchEmbed vs a Conv2d
+    ("y_embedder.embedding_table.", "y_embedder.table."),    # [num_classes + 1, D]
+    ("blocks.{n}.mlp.fc1.", "blocks.{n}.mlp.0."),            # timm Mlp vs nn.Sequential
+    ("blocks.{n}.mlp.fc2.", "blocks.{n}.mlp.2."),
+    ("projectors.0.", "projector.mlp."),                     # the student's projector
+)
+PROJECTOR_KEYS = {f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the keys."""
+
+
+def _rules(src: int) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(pair[src]).replace(r"\{n\}", r"(?P<n>\d{1,4})")),
+             pair[1 - src]) for pair in KEY_MAP]
+
+
+_TO_OURS, _TO_REPA = _rules(0), _rules(1)
+
+
+def rename(key: str, to: str) -> str:
+    """A parameter name in the other layout: to="ours" from REPA's, to="repa" from ours."""
+    for pattern, template in _TO_OURS if to == "ours" else _TO_REPA:
+        m = pattern.match(key)
+        if m:
+            return template.format(**m.groupdict()) + key[m.end():]
+    return key
+
+
+@dataclass
+class Checkpoint:
+    """What any checkpoint gives: the architecture, the metadata `train sample` needs (as
+    checkpoint.json records it), the backbone's state dicts in our names ("ema" and/or
+    "model", those it has) and the projector's, when present."""
+    path: Path
+    format: str
+    arch: str
+    meta: dict[str, Any]
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    projector: dict[str, torch.Tensor] | None = None
+    available: tuple[str, ...] = WEIGHTS     # the backbone weights the file holds
+
+    @property
+    def step(self) -> int | None:
+        step = self.meta.get("step")
+        return step if type(step) is int else None
+
+    def model_kwargs(self) -> dict[str, int]:
+        c = self.meta["config"]
+        return {k: c[f"model.{k}"] for k in GEOMETRY_LIMITS}
+
+    def state(self, weights: str) -> dict[str, torch.Tensor]:
+        if weights not in self.states:
+            raise CheckpointError(f"{self.path} holds no {weights!r} weights (it has "
+                                  f"{list(self.available)}); choose --weights "
+                                  + " or ".join(self.available))
+        return self.states[weights]
+
+
+# ------------------------------------------------------------------------ finding them
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first."""
+    d = Path(run_dir) / "checkpoints"
+    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name)) if d.is_dir() else []
+
+
+def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[Path, str]:
+    """(checkpoint, format) of a run directory (its newest checkpoint), one of our
+    checkpoint directories, or a REPA-family file."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"checkpoint format {fmt!r}: choose one of {FORMATS}")
+    p = Path(path)
+    if p.is_file():
+        if fmt == "ours":
+            raise CheckpointError(f"{p} is a file; our checkpoints are directories (with "
+                                  "checkpoint.json). For a REPA-family file use "
+                                  "--checkpoint-format repa (or auto)")
+        return p, "repa"
+    if fmt == "repa":
+        raise CheckpointError(f"{p} is not a file: a REPA-family checkpoint is one .pt file")
+    if (p / "checkpoint.json").is_file():
+        return p, "ours"
+    found = checkpoints(p)
+    if found:
+        return found[-1], "ours"
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        raise CheckpointError(f"{p} has no complete checkpoint yet (train longer, or lower "
+                              "checkpoint_every)")
+    raise CheckpointError(f"{p} is neither a run directory nor a checkpoint (one with "
+                          "checkpoint.json, e.g. RUN_DIR/checkpoints/step_00400000, or a "
+                          "REPA-family .pt file)")
+
+
+def read_checkpoint(path: str | Path, *, fmt: str = "auto", arch: str | None = None,
+                    weights: tuple[str, ...] = WEIGHTS) -> Checkpoint:
+    """Any checkpoint, with those of the backbone states in `weights` that it has (ours
+    reads only their files). `arch` forces the architecture of a REPA-family file
+    (default: from its shapes); for ours it must equal the recorded one."""
+    p, fmt = resolve_checkpoint(path, fmt)
+    ck = _read_ours(p, weights) if fmt == "ours" else _read_repa(p, arch, weights)
+    if arch is not None and arch != ck.arch:
+        raise CheckpointError(f"{p} holds a {ck.arch} model, not {arch}")
+    return ck
+
+
+def load_backbone(path: str | Path, *, weights: str = "ema", fmt: str = "auto",
+                  arch: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
+    """The backbone with its EMA (or trained) weights, in eval mode on the CPU."""
+    ck = read_checkpoint(path, fmt=fmt, arch=arch, weights=(weights,))
+    net = build_model(ck.arch, **ck.model_kwargs())
+    load_strict(net, ck.state(weights), f"{ck.path} ({weights} weights)")
+    return net.eval().requires_grad_(False), ck
+
+
+# ------------------------------------------------------------------------ checks
+def _check_geometry(geo: dict[str, Any], where: str) -> dict[str, int]:
+    for k, (lo, hi) in GEOMETRY_LIMITS.items():
+        v = geo.get(k)
+        if type(v) is not int or not lo <= v <= hi:
+            raise CheckpointError(f"{where}: model.{k}={v!r} is not an integer in "
+                                  f"[{lo}, {hi}]")
+    return {k: geo[k] for k in GEOMETRY_LIMITS}
+
+
+def _check_tensors(state: Any, where: str) -> dict[str, torch.Tensor]:
+    """A state dict of finite, dense floating-point tensors with string names."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is a {type(state).__name__}, not a state dict")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{where}: entry {str(k)[:80]!r} is not a named tensor")
+        if v.layout != torch.strided or v.is_meta or not v.is_floating_point():
+            raise CheckpointError(f"{where}: {k} is a {v.layout} {v.dtype} tensor on "
+                                  f"{v.device}, not dense floating-point weights")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. "
+                              f"{', '.join(bad[:5])}: the run diverged or the file is damaged")
+    return state
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _expected(arch: str, geo: dict[str, int]) -> dict[str, tuple]:
+    """The state dict shapes of `arch` at that geometry, built on the meta device (no
+    memory, no init)."""
+    with torch.device("meta"):
+        return _shapes(build_model(arch, **geo).state_dict())
+
+
+def _key_problems(expected: dict[str, tuple], found: dict[str, tuple], name=lambda k: k,
+                  limit: int = 8) -> list[str]:
+    """Lines naming (via `name`) the missing, unexpected and misshapen keys."""
+    missing = [name(k) for k in expected if k not in found]
+    unexpected = [name(k) for k in found if k not in expected]
+    shapes = [f"{name(k)}: checkpoint {list(found[k])} vs model {list(s)}"
+              for k, s in expected.items() if k in found and found[k] != s]
+    out = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", shapes)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            out.append(f"{label} ({len(keys)}): " + ", ".join(keys[:limit]) + more)
+    return out
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict that names every missing, unexpected and misshapen key."""
+    problems = _key_problems(_shapes(module.state_dict()), _shapes(state))
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+    module.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ ours
+def _file_name(files: dict, key: str, ckpt: Path) -> Path:
+    name = files.get(key)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise CheckpointError(f"{ckpt}/checkpoint.json: files.{key}={name!r} is not a plain "
+                              "file name in the checkpoint")
+    return ckpt / name
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except Exception as e:  # SafetensorError: truncated, not a safetensors file
+            raise CheckpointError(f"{path}: not a readable safetensors file "
+                                  f"({str(e)[:200]}); copy it again") from None
+    else:
+        state = _torch_load(path)
+    return _check_tensors(state, str(path))
+
+
+def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
+    try:
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        arch, files = meta["arch"], meta.get("files", CHECKPOINT_FILES)
+        _check_geometry({k: meta["config"][f"model.{k}"] for k in GEOMETRY_LIMITS}, str(ckpt))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{ckpt}/checkpoint.json is damaged ({type(e).__name__}: "
+                              f"{e})") from None
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise CheckpointError(f"{ckpt}: unknown architecture {arch!r} (known: "
+                              f"{sorted(ARCHS)})")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{ckpt}/checkpoint.json: files is not a mapping")
+    ck = Checkpoint(ckpt, "ours", arch, meta,
+                    available=tuple(w for w in WEIGHTS if w in files))
+    if "ema" in weights and "ema" in files:
+        ck.states["ema"] = _load_tensors(_file_name(files, "ema", ckpt))
+    student = {}   # the trained student (DDP's "module." stripped), or a projector alone
+    for key in ("model", "projector"):
+        if "model" in weights and key in files:
+            student.update({k.removeprefix("module."): v for k, v in
+                            _load_tensors(_file_name(files, key, ckpt)).items()})
+    if "model" in files and "model" in weights:
+        ck.states["model"] = {k[4:]: v for k, v in student.items() if k.startswith("net.")}
+    ck.projector = {k[10:]: v for k, v in student.items() if k.startswith("projector.")} or None
+    return ck
+
+
+def write_checkpoint(out: Path, ck: Checkpoint, source: dict[str, Any]) -> Path:
+    """`ck` in our layout at `out` (which must not exist yet): checkpoint.json,
+    ema.safetensors (its EMA), model.safetensors (its trained weights and projector) or
+    projector.safetensors (a projector without trained weights), each only if it has
+    them. Written beside `out`, renamed into place."""
+    from safetensors.torch import save_file
+    if out.exists():
+        raise CheckpointError(f"{out} exists; choose a new output directory")
+    if CKPT_RE.match(out.name):  # a run would resume from it, and it cannot
+        raise CheckpointError(f"{out}: a converted checkpoint has no optimizer or RNG state, "
+                              "so it must not be named like a run's step_N; name it "
+                              "otherwise and start a run from it with model.init_from")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    files = {}
+    try:
+        tmp.mkdir(parents=True)
+        if "ema" in ck.states:
+            files["ema"] = "ema.safetensors"
+            save_file({k: v.contiguous() for k, v in ck.states["ema"].items()},
+                      tmp / files["ema"])
+        student = {f"net.{k}": v for k, v in ck.states.get("model", {}).items()}
+        student.update({f"projector.{k}": v for k, v in (ck.projector or {}).items()})
+        if student:
+            key = "model" if "model" in ck.states else "projector"
+            files[key] = f"{key}.safetensors"
+            save_file({k: v.contiguous() for k, v in student.items()}, tmp / files[key])
+        atomic_write_json(tmp / "checkpoint.json",
+                          {**ck.meta, "arch": ck.arch, "files": files, "converted_from": source})
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # gone after a failure or an interrupt
+    return out
+
+
+# ------------------------------------------------------------------------ REPA family
+def _torch_load(path: Path) -> Any:
+    """torch.load that runs no pickled code (REPA's own scripts load with pickle)."""
+    def load(**kw):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    try:
+        try:
+            return load(mmap=True)  # lazy pages: only what is used is read
+        except RuntimeError as e:  # an old, non-zip torch.save file cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return load()
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if needed is None:          # no class it would need: a damaged or foreign file
+            why = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({why})") from None
+        raise CheckpointError(
+            f"{path}: refused: rebuilding it needs the Python object {needed.group(1)}, which "
+            "only running pickled code could make. If you trust the file, extract its 'ema' "
+            "and 'model' state dicts yourself (torch.load(..., weights_only=False)) and "
+            "torch.save them alone") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _blocks(state: dict[str, torch.Tensor], prefix: str = "blocks") -> set[int]:
+    return {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d{{1,4}})\.", k))}
+
+
+def _unwrap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP's "module." and torch.compile's "_orig_mod." when every key has it, and
+    renumber --legacy "decoder_blocks.J" after the "blocks.N"."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    first = len(_blocks(state))
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"decoder_blocks\.(\d{1,4})\.", k)
+        out[f"blocks.{int(m.group(1)) + first}.{k[m.end():]}" if m else k] = v
+    return out
+
+
+def _geometry(state: dict[str, torch.Tensor], where: str) -> dict[str, int]:
+    """dim, depth, patch, in_channels, num_classes and latent_size from a REPA-layout
+    SiT's shapes (num_classes: the label table minus its null row)."""
+    need = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "pos_embed")
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise CheckpointError(f"{where} is not a REPA-layout SiT state dict: no "
+                              f"{', '.join(absent)} (its keys begin {sorted(state)[:6]})")
+    w, table, pos = (state[k] for k in need)
+    grid = math.isqrt(pos.shape[1]) if pos.dim() == 3 else 0
+    if (w.dim() != 4 or w.shape[2] != w.shape[3] or min(w.shape) < 1 or table.dim() != 2
+            or grid < 1 or grid * grid != pos.shape[1]):
+        raise CheckpointError(f"{where}: x_embedder.proj.weight {list(w.shape)}, "
+                              f"y_embedder.embedding_table.weight {list(table.shape)} and "
+                              f"pos_embed {list(pos.shape)} are not a SiT's shapes")
+    blocks = _blocks(state)
+    geo = {"dim": w.shape[0], "in_channels": w.shape[1], "patch": w.shape[2],
+           "num_classes": table.shape[0] - 1, "latent_size": grid * w.shape[2],
+           "depth": max(blocks) + 1 if blocks else 0}
+    _check_geometry(geo, where)
+    return geo
+
+
+def _sit_arch(geo: dict[str, int], arch: str | None, where: str) -> str:
+    """The SiT size that fits `geo` (its depth, width and patch 2), or `arch` if given."""
+    if arch is not None:
+        if ARCHS.get(arch, (None,))[0] is not SiT:
+            raise CheckpointError(f"--arch {arch}: REPA-family checkpoints are SiT models; "
+                                  f"choose one of {sorted(SIT_SIZES)}")
+        return arch
+    for name, kw in SIT_SIZES.items():
+        if kw["depth"] == geo["depth"] and kw["dim"] == geo["dim"] and geo["patch"] == 2:
+            return name
+    sizes = ", ".join(f"{n} ({kw['depth']} x {kw['dim']})" for n, kw in SIT_SIZES.items())
+    raise CheckpointError(f"{where}: a SiT of depth {geo['depth']}, width {geo['dim']} and "
+                          f"patch {geo['patch']} is none of ours ({sizes}); pass --arch to "
+                          "choose one, or the checkpoint is of another model")
+
+
+def _read_repa(path: Path, arch: str | None, weights: tuple[str, ...]) -> Checkpoint:
+    obj = _load_tensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = {"ema": obj}  # a bare state dict: the weights to sample from
+    else:
+        found = {k: obj[k] for k in WEIGHTS if k in obj}
+    if not found:
+        raise CheckpointError(f"{path} has no 'ema' or 'model' state dict (top-level keys: "
+                              f"{sorted(map(str, obj))[:10]})")
+    if not any(w in found for w in weights):
+        raise CheckpointError(f"{path} holds no {' or '.join(weights)} weights (it has "
+                              f"{sorted(found)}); choose --weights {' or '.join(found)}")
+    args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
+    args = {k: v for k, v in args.items()
+            if isinstance(k, str) and isinstance(v, (str, int, float, bool))}
+    if args.get("path_type", "linear") != "linear":
+        raise CheckpointError(f"{path} was trained on the {args['path_type']!r} path (its "
+                              "args.path_type); our samplers and trainer use the linear path "
+                              "x_t = (1 - t) x0 + t eps")
+    states, projectors, geo = {}, {}, None
+    for which in (w for w in WEIGHTS if w in weights and w in found):
+        where = f"{path} ({which})"
+        raw = _unwrap(_check_tensors(found[which], where))
+        g = _geometry(raw, where)
+        if geo is not None and g != geo:
+            raise CheckpointError(f"{path}: its ema and model weights differ in shape "
+                                  f"({geo} vs {g})")
+        geo, arch = g, _sit_arch(g, arch, where)
+        states[which], projectors[which] = _import_repa(raw, arch, g, where)
+    dropout = args.get("cfg_prob", 0.1)
+    step = obj.get("steps")
+    meta = {"arch": arch, "step": step if type(step) is int else None,
+            "config": {"model.arch": arch, "model.latent_size": geo["latent_size"],
+                       "model.in_channels": geo["in_channels"],
+                       "model.num_classes": geo["num_classes"],
+                       "model.label_dropout": dropout if type(dropout) is float else 0.1,
+                       "align.depth": args.get("encoder_depth")},
+            "latent_scale": LATENT_SCALE,   # REPA's fixed SD-VAE scale, bias 0
+            "cache": {}, "source_args": args}
+    projector = projectors.get("model") or projectors.get("ema")   # the trained one first
+    return Checkpoint(path, "repa", arch, meta, states, projector, tuple(found))
+
+
+def _import_repa(state: dict[str, torch.Tensor], arch: str, geo: dict[str, int], where: str
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(backbone, projector) in our names, after checking every key and shape against
+    `arch` (errors name the keys as the checkpoint does)."""
+    # projectors.1.* and up align to further teachers (REPA's multi-encoder runs): unused
+    ours = {rename(k, "ours"): v for k, v in state.items()
+            if k != "pos_embed" and not re.match(r"projectors\.[1-9]", k)}
+    backbone = {k: v for k, v in ours.items() if not k.startswith("projector.")}
+    problems = _key_problems(_expected(arch, {k: geo[k] for k in GEOMETRY_LIMITS}),
+                             _shapes(backbone), lambda k: rename(k, "repa"))
+    pos = state["pos_embed"]
+    want = sincos_pos_embed(geo["dim"], geo["latent_size"] // geo["patch"])[None]
+    if not problems and (pos.shape != want.shape
+                         or not torch.allclose(pos.float(), want, atol=1e-5)):
+        problems.append(f"pos_embed {list(pos.shape)} is not the fixed 2-D sin-cos table of "
+                        f"a {geo['latent_size'] // geo['patch']}^2 grid")
+    if problems:
+        raise CheckpointError(f"{where} does not fit {arch}:\n  " + "\n  ".join(problems))
+    projector = {k[len("projector."):]: v for k, v in ours.items() if k.startswith("projector.")}
+    return backbone, projector or None
+
+
+def to_repa_layout(state: dict[str, torch.Tensor], grid: int,
+                   projector: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A SiT state dict in our names (and its projector's) as REPA's SiT names them,
+    with their pos_embed of a grid x grid token map."""
+    out = {rename(k, "repa"): v for k, v in state.items()}
+    out["pos_embed"] = sincos_pos_embed(state["x_embedder.weight"].shape[0], grid)[None]
+    out.update({rename(f"projector.{k}", "repa"): v for k, v in (projector or {}).items()})
+    return out
+
+
+def write_repa_file(out: Path, ck: Checkpoint) -> Path:
+    """Our SiT checkpoint as a REPA-family file {"ema", "model", "steps"} that their
+    generate.py loads (it reads "ema" strictly, projectors.0 included), e.g. to check
+    parity with their sampler. A run without a projector gets an all-zero 768-wide one,
+    their default shape; it plays no part in sampling."""
+    if out.exists():
+        raise CheckpointError(f"{out} exists; choose a new output file")
+    if ARCHS[ck.arch][0] is not SiT:
+        raise CheckpointError(f"{ck.path} is a {ck.arch}: only SiT models have a REPA layout")
+    projector = ck.projector
+    if projector is not None and set(projector) != PROJECTOR_KEYS:
+        raise CheckpointError(f"{ck.path}: the projector's keys {sorted(projector)[:8]} are "
+                              "not REPA's 3-layer MLP")
+    if not ck.states:
+        raise CheckpointError(f"{ck.path} holds no backbone weights")
+    dim = next(iter(ck.states.values()))["x_embedder.weight"].shape[0]
+    if projector is None:
+        shapes = {"mlp.0": (2048, dim), "mlp.2": (2048, 2048), "mlp.4": (768, 2048)}
+        projector = {f"{n}.{p}": torch.zeros(s if p == "weight" else s[:1])
+                     for n, s in shapes.items() for p in ("weight", "bias")}
+    grid = ck.model_kwargs()["latent_size"] // 2
+    payload: dict[str, Any] = {"steps": ck.step, "projector_placeholder": ck.projector is None}
+    for which, state in ck.states.items():
+        payload[which] = to_repa_layout(state, grid, projector)
+    try:
+        with atomic_file(out) as f:
+            torch.save(payload, f)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e}") from None
+    return out
+
+
+def convert_checkpoint(source: str | Path, out: str | Path, *, arch: str | None = None
+                       ) -> tuple[Path, Checkpoint]:
+    """A REPA-family file -> our layout (a directory), or our SiT checkpoint -> a
+    REPA-family file. Returns the output and what was read."""
+    ck = read_checkpoint(source, arch=arch)
+    if ck.format == "ours":
+        return write_repa_file(Path(out), ck), ck
+    import hashlib
+    digest = hashlib.sha256()
+    with ck.path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    origin = {"path": str(ck.path.absolute()), "format": ck.format,
+              "sha256": digest.hexdigest(), "step": ck.step}
+    return write_checkpoint(Path(out), ck, origin), ck
+
+
+# ------------------------------------------------------------------------ model.init_from
+def check_init(source: str | Path, arch: str, **geometry: int) -> Checkpoint:
+    """The checkpoint of `model.init_from`, after checking that its backbone fits the
+    run's model (`arch` at `geometry`); errors name the keys."""
+    ck = read_checkpoint(source)
+    if ck.arch != arch:
+        raise CheckpointError(f"model.init_from={source} holds a {ck.arch} model; this run's "
+                              f"model.arch is {arch}")
+    expected = _expected(arch, geometry)
+    for which, state in ck.states.items():
+        problems = _key_problems(expected, _shapes(state))
+        if problems:
+            raise CheckpointError(f"model.init_from={source} ({which} weights) does not fit "
+                                  f"this run's {arch} (model.latent_size, in_channels and "
+                                  "num_classes must match):\n  " + "\n  ".join(problems))
+    return ck
+
+
+def init_from_checkpoint(source: str | Path, net: torch.nn.Module, ema: torch.nn.Module,
+                         projector: torch.nn.Module | None, arch: str,
+                         **geometry: int) -> str:
+    """Load `source` into a new run's modules: the trained weights (else the EMA) into
+    `net`, the EMA (else the trained weights) into `ema`, its projector into `projector`
+    when the shapes fit. Returns the line that says what was taken."""
+    ck = check_init(source, arch, **geometry)
+    trained = "model" if "model" in ck.states else "ema"
+    averaged = "ema" if "ema" in ck.states else "model"
+    load_strict(net, ck.states[trained], f"model.init_from={ck.path}")
+    load_strict(ema, ck.states[averaged], f"model.init_from={ck.path}")
+    note = ""
+    if projector is not None:
+        fits = ck.projector is not None and not _key_problems(
+            _shapes(projector.state_dict()), _shapes(ck.projector))
+        if fits:
+            projector.load_state_dict(ck.projector)
+        note = ("; projector from it" if fits else
+                "; projector: new (the checkpoint has " + ("none" if ck.projector is None
+                                                         else "one of other shapes") + ")")
+    return (f"initialised from {ck.path} ({ck.format} checkpoint, step {ck.step}): weights "
+            f"from its {trained} weights, EMA from its {averaged}{note}; the optimizer "
+            "starts fresh")
