@@ -168,13 +168,12 @@ def load_backbone(path: str | Path, *, weights: str = "ema", fmt: str = "auto",
 
 
 # ------------------------------------------------------------------------ checks
-def _check_geometry(geo: dict[str, Any], where: str) -> dict[str, int]:
+def _check_geometry(geo: dict[str, Any], where: str) -> None:
     for k, (lo, hi) in GEOMETRY_LIMITS.items():
         v = geo.get(k)
         if type(v) is not int or not lo <= v <= hi:
             raise CheckpointError(f"{where}: model.{k}={v!r} is not an integer in "
                                   f"[{lo}, {hi}]")
-    return {k: geo[k] for k in GEOMETRY_LIMITS}
 
 
 def _check_tensors(state: Any, where: str) -> dict[str, torch.Tensor]:
@@ -272,14 +271,16 @@ def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
                     available=tuple(w for w in WEIGHTS if w in files))
     if "ema" in weights and "ema" in files:
         ck.states["ema"] = _load_tensors(_file_name(files, "ema", ckpt))
-    student = {}   # the trained student (DDP's "module." stripped), or a projector alone
-    for key in ("model", "projector"):
-        if "model" in weights and key in files:
-            student.update({k.removeprefix("module."): v for k, v in
-                            _load_tensors(_file_name(files, key, ckpt)).items()})
-    if "model" in files and "model" in weights:
-        ck.states["model"] = {k[4:]: v for k, v in student.items() if k.startswith("net.")}
-    ck.projector = {k[10:]: v for k, v in student.items() if k.startswith("projector.")} or None
+    if "model" in weights:  # the trained student (DDP's "module." stripped), or a projector
+        student = {}
+        for key in ("model", "projector"):
+            if key in files:
+                student.update({k.removeprefix("module."): v for k, v in
+                                _load_tensors(_file_name(files, key, ckpt)).items()})
+        if "model" in files:
+            ck.states["model"] = {k[4:]: v for k, v in student.items() if k.startswith("net.")}
+        ck.projector = {k[10:]: v for k, v in student.items()
+                        if k.startswith("projector.")} or None
     return ck
 
 
@@ -347,8 +348,9 @@ def _torch_load(path: Path) -> Any:
                               f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
 
-def _blocks(state: dict[str, torch.Tensor], prefix: str = "blocks") -> set[int]:
-    return {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d{{1,4}})\.", k))}
+def _blocks(state: dict[str, torch.Tensor]) -> set[int]:
+    """The indices N of the keys blocks.N.*"""
+    return {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d{1,4})\.", k))}
 
 
 def _unwrap(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -224,10 +224,9 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(out)
     net, ck = load_backbone(source, weights=s.weights, fmt=checkpoint_format, arch=arch)
-    cfg, meta = ck.meta["config"], ck.meta
-    num_classes = int(cfg["model.num_classes"])
-    size = int(cfg["model.latent_size"])
-    shape = (s.batch_size, int(cfg["model.in_channels"]), size, size)
+    cfg, meta, geo = ck.meta["config"], ck.meta, ck.model_kwargs()
+    num_classes, size = geo["num_classes"], geo["latent_size"]
+    shape = (s.batch_size, geo["in_channels"], size, size)
     warnings = []
     if s.cfg > 1 and float(cfg.get("model.label_dropout", 0.1)) == 0:
         warnings.append("cfg > 1 with a model trained without label dropout: its null class "
