@@ -6,7 +6,9 @@ alpha as REPA does), then the ADM centre crop. No EXIF rotation and no augmentat
 view 1, when asked for, is the horizontal flip of the crop.
 
 A sample that cannot be decoded is not an error of the job: its reason is returned and
-its slot stays zero. Nothing here touches torch or Ray.
+its slot stays zero. Sizes read from a file are bounded before memory is spent on them: an
+image above MAX_PIXELS is refused from its header, before its pixels are decoded, and one
+whose aspect ratio exceeds MAX_ASPECT before it is resized. Nothing here touches torch or Ray.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from .sources import Item, read_bytes
 # an image whose long side would exceed this many crop sizes after resizing is refused
 # (a 1 x 100000 strip would otherwise ask for a 256 x 25.6M intermediate image)
 MAX_ASPECT = 32
+# an image with more pixels than this is refused from its header, before its pixels are
+# decoded: a single-colour 12000 x 12000 PNG is a few hundred KB on disk and took 1.1 GB
+# to decode. 8192 x 8192 (67.1 M) is above any camera photo found in datasets (a 61 MP
+# full-frame sensor is 9504 x 6336 = 60.2 M) and bounds one decode of 8-bit RGB to ~400 MB
+# (the image and its RGB copy), inside the decode stage's 512 MB per-task headroom. PIL's
+# own bomb check (Image.MAX_IMAGE_PIXELS, 89.5 M; an error only above twice that, 179 M)
+# let 144 M through with a warning.
+MAX_PIXELS = 8192 * 8192
 
 
 class DecodeError(ValueError):
@@ -46,9 +56,21 @@ def load_rgb(data: bytes) -> Image.Image:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # PIL warns from 89.5 M pixels; MAX_PIXELS refuses such images just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DecodeError(
+                    f"image of {w}x{h} pixels ({w * h / 1e6:.1f} M) is above the limit of "
+                    f"{MAX_PIXELS / 1e6:.1f} M pixels (MAX_PIXELS in pipeline/preprocess.py), "
+                    "refused before decoding; downscale it to include it")
             img.load()
             return _to_rgb(img)
+    except DecodeError:
+        raise
     except UnidentifiedImageError:
         raise DecodeError(f"not an image (unrecognized format, {len(data)} bytes)") from None
     except Image.DecompressionBombError as e:

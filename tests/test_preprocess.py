@@ -1,6 +1,10 @@
 """Decode + ADM centre crop: exact recipe, every odd input either decoded or explained."""
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +70,29 @@ def test_listing_time_errors_pass_through():
         load_rgb(b"")
     _, failures = decode_items([Item("t/x", -1, "/t.tar", 0, 0, "no image member")], 16)
     assert failures == {0: "no image member"}
+
+
+def test_huge_image_refused_from_its_header(tmp_path):
+    # 12000 x 12000 = 144 M pixels, 41 KB on disk in mode "1": under PIL's own bomb error
+    # (179 M), it used to be decoded at 1.1 GB
+    path = tmp_path / "huge.png"
+    Image.new("1", (12000, 12000), 1).save(path)
+    _, failures = decode_items([Item("huge.png", 0, str(path))], 32)
+    assert "12000x12000" in failures.get(0, "") and "MAX_PIXELS" in failures[0], failures
+    # refused before the pixels are decoded: the peak memory of a fresh process barely
+    # moves (the decoded image alone would be 144 MB, its RGB copy 432 MB more)
+    script = ("import resource, sys\n"
+              "from pipeline.preprocess import DecodeError, load_rgb\n"
+              "data = open(sys.argv[1], 'rb').read()\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "try:\n"
+              "    load_rgb(data)\n"
+              "except DecodeError:\n"
+              "    pass\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=root, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    grown_kb = int(out.stdout.split()[-1])   # ru_maxrss is in KB on Linux
+    assert grown_kb < 32 << 10, f"peak memory grew by {grown_kb >> 10} MB"

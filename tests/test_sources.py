@@ -8,7 +8,9 @@ from conftest import write_jpeg_folder
 from PIL import Image
 
 from pipeline.demo_data import ensure_demo_images
-from pipeline.sources import SourceError, list_source, read_bytes
+from pipeline.preprocess import decode_items
+from pipeline.sources import (MAX_CLASSES, MAX_LABEL_BYTES, SourceError, list_source,
+                              read_bytes)
 
 
 def test_imagefolder_sorted_labels(tmp_path):
@@ -153,3 +155,157 @@ def test_demo_never_deletes_foreign_files(tmp_path):
     (partial / "00_circle").mkdir(parents=True)
     ensure_demo_images(partial, per_class=1, num_classes=2)
     assert len(list(partial.rglob("*.jpg"))) == 2
+
+
+def _jpeg(i: int) -> bytes:
+    """A real JPEG whose colour encodes i."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_wds(path, keys):
+    """A tar of samples <key>.jpg + <key>.cls (label = position); {member: header offset}."""
+    with tarfile.open(path, "w") as tf:
+        for i, key in enumerate(keys):
+            _add(tf, f"{key}.jpg", _jpeg(i))
+            _add(tf, f"{key}.cls", str(i).encode())
+    with tarfile.open(path) as tf:
+        return {m.name: m.offset for m in tf}
+
+
+def _damage_headers(path, *offsets):
+    raw = bytearray(path.read_bytes())
+    for o in offsets:
+        raw[o:o + 100] = b"\xff" * 100   # name field: the header checksum no longer matches
+    path.write_bytes(raw)
+
+
+def test_wds_damaged_headers_recover_the_rest_and_are_listed(tmp_path):
+    keys = ["a", "b", "c", "d", "e", "f"]
+    tar = tmp_path / "s.tar"
+    offsets = _write_wds(tar, keys)
+    _damage_headers(tar, offsets["c.jpg"])
+    items = list_source("wds", tar).items
+    # the damaged member's range is listed in its place, naming the tar and the byte offset
+    damage = items[2]
+    assert damage.key == f"s.tar@{offsets['c.jpg']}" and damage.label == -1
+    assert str(tar) in damage.error and f"bytes {offsets['c.jpg']:,}-" in damage.error
+    # c keeps its label member, so it is listed too; every sample after is recovered
+    assert [it.key for it in items[3:]] == [f"s.tar/{k}" for k in "cdef"]
+    assert "no image member" in items[3].error
+    for i, it in zip(range(3, 6), items[4:]):
+        assert not it.error and it.label == i and read_bytes(it) == _jpeg(i)
+    # a sample whose every member header is damaged cannot be named, but does not vanish:
+    # the damaged range stands for it and counts as a failure
+    tar2 = tmp_path / "t.tar"
+    offsets = _write_wds(tar2, keys)
+    _damage_headers(tar2, offsets["b.jpg"], offsets["b.cls"])
+    items = list_source("wds", tar2).items
+    assert [it.key for it in items] == ["t.tar/a", f"t.tar@{offsets['b.jpg']}", "t.tar/c",
+                                        "t.tar/d", "t.tar/e", "t.tar/f"]
+    assert "no readable member header" in items[1].error
+    assert all(not it.error for i, it in enumerate(items) if i != 1)
+    # the damage shows as a decode failure with its reason, like any failed sample
+    _, failures = decode_items(items, 16)
+    assert list(failures) == [1] and failures[1] == items[1].error
+
+
+def test_wds_cut_short_or_concatenated(tmp_path):
+    keys = ["a", "b", "c", "d"]
+    whole = tmp_path / "whole.tar"
+    offsets = _write_wds(whole, keys)
+    raw = whole.read_bytes()
+    d = tmp_path / "cut"
+    d.mkdir()
+    # cut inside the data of c.jpg: c is listed as cut short, and the end as a failure
+    (d / "x.tar").write_bytes(raw[:offsets["c.jpg"] + 600])
+    items = list_source("wds", d).items
+    assert [it.key for it in items] == ["x.tar/a", "x.tar/b", "x.tar/c",
+                                        f"x.tar@{offsets['c.jpg'] + 600}"]
+    assert "c.jpg is cut short" in items[2].error and "cut short" in items[3].error
+    # cut exactly between two members: only the missing end-of-archive marker tells
+    (d / "x.tar").write_bytes(raw[:offsets["c.jpg"]])
+    items = list_source("wds", d).items
+    assert [it.key for it in items] == ["x.tar/a", "x.tar/b", f"x.tar@{offsets['c.jpg']}"]
+    assert "without the end-of-archive marker" in items[2].error
+    # two tars concatenated (`cat a.tar b.tar`): the zero blocks between them are not the end
+    other = tmp_path / "other.tar"
+    _write_wds(other, ["e", "f"])
+    (d / "x.tar").write_bytes(raw + other.read_bytes())
+    items = list_source("wds", d).items
+    assert [it.key for it in items] == [f"x.tar/{k}" for k in "abcdef"]
+    assert not any(it.error for it in items)
+    # a file with no valid tar header at all is not a damaged tar but a wrong input
+    (d / "x.tar").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(SourceError, match="not a tar: no valid member header"):
+        list_source("wds", d)
+
+
+def test_wds_label_limits(tmp_path):
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for key, label in (("a", MAX_CLASSES - 1), ("b", MAX_CLASSES), ("c", 1_000_000)):
+            _add(tf, f"{key}.jpg", _jpeg(1))
+            _add(tf, f"{key}.cls", str(label).encode())
+        _add(tf, "d.jpg", _jpeg(1))
+        _add(tf, "d.cls", b"7" + b" " * MAX_LABEL_BYTES)   # a label member of 1 MiB + 1
+    src = list_source("wds", tmp_path / "s.tar")
+    a, b, c, d = src.items
+    assert a.label == MAX_CLASSES - 1 and not a.error
+    assert len(src.class_names) == MAX_CLASSES
+    for it, label in ((b, MAX_CLASSES), (c, 1_000_000)):
+        assert it.label == -1 and f"label {label:,} in {it.key[-1]}.cls" in it.error
+        assert "MAX_CLASSES" in it.error
+    assert d.label == -1 and "MAX_LABEL_BYTES" in d.error
+
+
+def test_symlink_loops_are_refused_naming_the_link(tmp_path):
+    data = write_jpeg_folder(tmp_path / "data", classes=2, per_class=1)
+    (data / "class_0" / "loop").symlink_to("..")
+    with pytest.raises(SourceError, match="symlink loop: .*class_0/loop -> \\.\\."):
+        list_source("imagefolder", data)
+    (data / "class_0" / "loop").unlink()
+    (data / "class_1" / "sub").mkdir()
+    (data / "class_1" / "sub" / "up").symlink_to(data / "class_1")
+    with pytest.raises(SourceError, match="symlink loop: .*class_1/sub/up -> "):
+        list_source("imagefolder", data)
+    (data / "class_1" / "sub" / "up").unlink()
+    # a loop through two links, neither pointing above itself: out -> elsewhere -> back
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "back").symlink_to(data / "class_0")
+    (data / "class_0" / "out").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SourceError, match="symlink loop: .*class_0/out/back -> .*class_0, "
+                                          ".*class_0/out -> .*elsewhere lead back"):
+        list_source("imagefolder", data)
+
+
+def test_nothing_is_listed_twice_through_symlinks(tmp_path):
+    data = write_jpeg_folder(tmp_path / "data", classes=2, per_class=2)
+    outside = write_jpeg_folder(tmp_path / "outside", classes=2, per_class=1)
+    # links out of the tree assemble a dataset: a class folder, a subfolder, a file
+    (data / "class_2").symlink_to(outside / "class_0")
+    (data / "class_0" / "extra").symlink_to(outside / "class_1")
+    (tmp_path / "loose.JPEG").write_bytes(_jpeg(1))
+    (data / "class_1" / "ext.JPEG").symlink_to(tmp_path / "loose.JPEG")
+    src = list_source("imagefolder", data)
+    assert [(it.key, it.label) for it in src.items] == [
+        ("class_0/extra/img_000.JPEG", 0), ("class_0/img_000.JPEG", 0),
+        ("class_0/img_001.JPEG", 0), ("class_1/ext.JPEG", 1), ("class_1/img_000.JPEG", 1),
+        ("class_1/img_001.JPEG", 1), ("class_2/img_000.JPEG", 2)]
+    (data / "class_1" / "ext.JPEG").unlink()
+    # a directory reached twice: its files would get two labels
+    (data / "class_0" / "also_1").symlink_to("../class_1")
+    with pytest.raises(SourceError, match="same directory .*class_0/also_1 -> \\.\\./class_1"):
+        list_source("imagefolder", data)
+    (data / "class_0" / "also_1").unlink()
+    # a file reached twice: through a link into the tree, or through two links
+    (data / "class_0" / "dup.JPEG").symlink_to("../class_1/img_000.JPEG")
+    with pytest.raises(SourceError, match="same file .*class_0/dup.JPEG -> "):
+        list_source("imagefolder", data)
+    (data / "class_0" / "dup.JPEG").unlink()
+    (data / "class_0" / "one.JPEG").symlink_to(tmp_path / "outside" / "class_0" / "img_000.JPEG")
+    (data / "class_1" / "two.JPEG").symlink_to(tmp_path / "outside" / "class_0" / "img_000.JPEG")
+    (data / "class_2").unlink()
+    with pytest.raises(SourceError, match="class_1/two.JPEG and .*class_0/one.JPEG are the "
+                                          "same file"):
+        list_source("imagefolder", data)
