@@ -8,7 +8,9 @@ DINOv2-B tokens fp16 [1, 256, 768], cls fp16 [1, 768], in both backends, plus on
 .npy file per field. Then, in one process, times the CacheLoader (batch 256, block
 shuffle + shuffle buffer) and a raw `np.load(mmap_mode="r")[idx]` gather of exactly the
 same batches (same indices, fields and bytes), alternating the two, page cache warm.
-Prints samples/s, GB/s and loader/raw per backend. --via-url also times the loader on
+Prints samples/s, GB/s and loader/raw per backend, and what the read checks cost (the
+loader that checks each chunk/member against its CRC32C the first time it reads it, the
+default, against the same loader with `verify=False`), on a first pass and warm. --via-url also times the loader on
 the same cache opened as a file:// URL, i.e. through fsspec like a remote store (zarr's
 ranged reads, wds tars fetched whole), against the local path.
 """
@@ -101,18 +103,31 @@ def main() -> int:
         dt_r, n_r = time_raw(fresh_raw, batches)
         print(f"{backend:5s} first pass: loader {n_l / dt_l:8.0f} samples/s | raw "
               f"{n_r / dt_r:8.0f} samples/s | ratio {(n_l / dt_l) / (n_r / dt_r):.2f}x")
-        t_loader, t_raw = [], []
+        # the read checks: each chunk/member is checked the first time a reader uses it,
+        # so they cost on the first pass (fresh readers on both sides) and not after
+        unchecked = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "verify": False}))
+        dt_u, n_u = time_loader(unchecked)
+        print(f"{backend:5s} first pass read checks: checked {n_l / dt_l:8.0f} vs unchecked "
+              f"(verify=False) {n_u / dt_u:8.0f} samples/s | ratio "
+              f"{(n_l / dt_l) / (n_u / dt_u):.2f}x")
+        t_loader, t_raw, t_unchecked = [], [], []
         for _ in range(args.repeats):
             loader.set_epoch(0)
             dt, n = time_loader(loader)
             t_loader.append(n / dt)
             dt, n = time_raw(raw, batches)
             t_raw.append(n / dt)
+            unchecked.set_epoch(0)
+            dt, n = time_loader(unchecked)
+            t_unchecked.append(n / dt)
         lo, ra = statistics.median(t_loader), statistics.median(t_raw)
+        un = statistics.median(t_unchecked)
         results[backend] = lo / ra
         print(f"{backend:5s} warm: loader {lo:8.0f} samples/s {lo * bytes_per_sample / 1e9:6.2f} GB/s | "
               f"raw mmap gather {ra:8.0f} samples/s {ra * bytes_per_sample / 1e9:6.2f} GB/s | "
               f"ratio {lo / ra:.2f}x")
+        print(f"{backend:5s} warm read checks: checked {lo:8.0f} vs unchecked "
+              f"{un:8.0f} samples/s | ratio {lo / un:.2f}x")
         if args.via_url:
             url_loader = CacheLoader(f"file://{cache.absolute()}", cfg)
             t_url = []

@@ -5,7 +5,7 @@ manifest. See cache/format.py for the layout.
 """
 
 from .format import (BACKENDS, FORMAT_VERSION, LATENT_SCALE, CacheError, CacheMismatchError,
-                     CacheSpec, FailedSampleError, FieldSpec, FormatVersionError,
+                     CacheSpec, DamagedCacheError, FailedSampleError, FieldSpec, FormatVersionError,
                      IncompleteCacheError, NotACacheError)
 from .loader import CacheLoader, LoaderConfig, epoch_plan
 from .quant import dequantize_tokens, quantize_tokens
@@ -14,7 +14,7 @@ from .writer import CacheWriter, create_cache, finalize_cache
 
 __all__ = [
     "BACKENDS", "FORMAT_VERSION", "LATENT_SCALE", "CacheError", "CacheMismatchError",
-    "CacheSpec", "FailedSampleError", "FieldSpec", "FormatVersionError",
+    "CacheSpec", "DamagedCacheError", "FailedSampleError", "FieldSpec", "FormatVersionError",
     "IncompleteCacheError", "NotACacheError", "CacheLoader", "LoaderConfig", "epoch_plan",
     "dequantize_tokens", "quantize_tokens", "CacheDataset", "VerifyReport", "open_cache",
     "CacheWriter", "create_cache", "finalize_cache",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,11 @@ import numpy as np
 from .store import Store
 
 FORMAT_NAME = "urepa-cache"
-FORMAT_VERSION = 1
+# 2: the manifest carries its own SHA-256; done markers carry the dataset digest and
+# per-chunk (zarr) / per-member (wds) CRC32C checksums that readers check on every read;
+# zarr inner chunks end in zarr's crc32c codec. Version 1 caches stay readable, unverified.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 DONE_DIR = "_done"
 BACKENDS = ("zarr", "wds")
@@ -48,6 +53,17 @@ LATENT_SCALE = 0.18215
 MOMENTS, TOKENS, TOKENS_SCALE, CLS, LABEL, INDEX, KEY = (
     "moments", "tokens", "tokens_scale", "cls", "label", "index", "key")
 FLOAT_DTYPES = ("float16", "float32")
+
+# Documented limits on sizes read from a manifest (docs/cache-format.md): far above any
+# real cache (ImageNet-1k: 1.28M samples, 1,252 shards; ImageNet-21k: 14M), low enough
+# that a damaged or hostile manifest cannot make a reader allocate or loop without end.
+MAX_SAMPLES = 2**31
+MAX_SHARDS = 2**20
+MAX_SHARD_SIZE = 2**16
+MAX_SAMPLE_BYTES = 2**30  # one sample's stored fields (ImageNet 256 px: 394 KB)
+MAX_DIM = 2**16  # tokens, token width, latent size and channels
+MAX_MANIFEST_BYTES = 2**30  # ImageNet's: ~150 KB, plus ~100 B per failed sample
+MAX_MARKER_BYTES = 2**26  # a shard of 65,536 wds samples' checksums: ~5 MB
 TOKEN_DTYPES = ("float16", "int8")
 
 
@@ -65,6 +81,11 @@ class FormatVersionError(CacheError):
 
 class IncompleteCacheError(CacheError):
     """The cache was never finalized or has shards that are not done."""
+
+
+class DamagedCacheError(CacheError):
+    """Something read back from the cache is not what its writer wrote: a changed
+    manifest, a damaged marker, bytes that fail their checksum, a name outside the cache."""
 
 
 class CacheMismatchError(CacheError):
@@ -143,8 +164,18 @@ class CacheSpec:
         if self.compression not in (None, "zstd"):
             bad("compression", "choose None or 'zstd'")
         for name in ("latent_channels", "latent_size", "tokens", "token_dim"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
+            if not 1 <= getattr(self, name) <= MAX_DIM:
+                bad(name, f"must be in [1, {MAX_DIM}]")
+        if self.num_samples > MAX_SAMPLES:
+            bad("num_samples", f"exceeds the documented limit {MAX_SAMPLES:,}")
+        if self.shard_size > MAX_SHARD_SIZE:
+            bad("shard_size", f"exceeds the documented limit {MAX_SHARD_SIZE:,}")
+        if self.num_shards > MAX_SHARDS:
+            bad("num_samples", f"gives {self.num_shards:,} shards of {self.shard_size}, "
+                               f"more than the documented limit {MAX_SHARDS:,}")
+        if self.bytes_per_sample > MAX_SAMPLE_BYTES:
+            bad("tokens", f"a sample of {self.bytes_per_sample:,} bytes exceeds the "
+                          f"documented limit {MAX_SAMPLE_BYTES:,}")
 
     @property
     def num_shards(self) -> int:
@@ -183,12 +214,32 @@ class CacheSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CacheSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_json(cls, d: Any) -> CacheSpec:
+        """The spec of a manifest, every key's type and value checked (DamagedCacheError
+        naming the key: nothing read from disk is used unchecked)."""
+        if not isinstance(d, dict):
+            raise DamagedCacheError(f"manifest spec is a {type(d).__name__}, not an object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise CacheError(f"manifest spec has unknown keys {unknown}; valid: {sorted(known)}")
-        return cls(**{**d, "backends": tuple(d.get("backends", ("zarr",)))})
+            raise DamagedCacheError(f"manifest spec has unknown keys {unknown}; "
+                                    f"valid: {sorted(fields)}")
+        for name, value in d.items():
+            kind = fields[name].type
+            ok = {"int": _is_int(value), "str": isinstance(value, str),
+                  "str | None": value is None or isinstance(value, str),
+                  "tuple[str, ...]": isinstance(value, list)
+                  and all(isinstance(b, str) for b in value)}.get(kind)
+            if not ok:
+                raise DamagedCacheError(f"manifest spec.{name} = {value!r}: expected {kind}")
+        try:
+            return cls(**{**d, "backends": tuple(d.get("backends", ("zarr",)))})
+        except ValueError as e:
+            raise DamagedCacheError(f"manifest {e}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------ manifest & markers
@@ -247,18 +298,102 @@ def read_manifest(root: str | os.PathLike | Store) -> dict[str, Any]:
         raise NotACacheError(f"{store} is not a urepa-cache: it has no {MANIFEST_NAME} "
                              "(build one with `pipeline encode ... --out DIR`)")
     try:
+        size = store.size(MANIFEST_NAME)
+        if size > MAX_MANIFEST_BYTES:
+            raise DamagedCacheError(f"{path}: {size:,} bytes, above the documented limit of "
+                                    f"{MAX_MANIFEST_BYTES:,} for a manifest")
         m = json.loads(store.read_bytes(MANIFEST_NAME))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise NotACacheError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise NotACacheError(f"{path}: not a {FORMAT_NAME} manifest "
                              f"(format={m.get('format') if isinstance(m, dict) else None!r})")
     version = m.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise DamagedCacheError(f"{path}: format_version {version!r} is not a version "
+                                "number (an integer >= 1): the manifest is damaged")
+    if version not in READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{store}: cache format version {version!r} is newer than this code reads "
+            f"{store}: cache format version {version} is newer than this code reads "
             f"({FORMAT_VERSION}); upgrade urepa-cache")
+    if version >= 2:
+        if m.get("sha256") != manifest_sha256(m):
+            raise DamagedCacheError(
+                f"{path}: the manifest does not match its own checksum: it was changed "
+                "or damaged after it was written. Restore it from a copy, or rebuild the "
+                "cache (a rerun of `pipeline encode` into a new --out)")
+    check_manifest(m, path)
     return m
+
+
+def manifest_sha256(m: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's content (its own "sha256" key left out), whatever the
+    whitespace or key order of the file."""
+    body = {k: v for k, v in m.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def sealed(m: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its checksum, as written."""
+    return {**{k: v for k, v in m.items() if k != "sha256"}, "sha256": manifest_sha256(m)}
+
+
+# provenance keys that may differ between the run that created a cache and a resuming
+# run, or that finalize adds: not part of the dataset's identity
+VOLATILE_PROVENANCE = ("created", "software", "host", "command", "summary")
+
+
+def dataset_sha256(m: dict[str, Any]) -> str:
+    """SHA-256 of what every shard of a cache must agree on: spec, fields, latent scale
+    and layout, token storage and provenance (weights, preprocessing, source). Each done
+    marker records it, so verify finds a shard written for another manifest, and a
+    manifest edited after the shards were written."""
+    latent = {k: v for k, v in m.get("latent", {}).items() if k != "channel_stats"}
+    prov = {k: v for k, v in m.get("provenance", {}).items() if k not in VOLATILE_PROVENANCE}
+    body = {"spec": m.get("spec"), "fields": m.get("fields"), "latent": latent,
+            "tokens": m.get("tokens"), "provenance": prov}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def check_manifest(m: dict[str, Any], where: str) -> None:
+    """Types and ranges of the manifest's keys that readers and training use
+    (DamagedCacheError naming the key). The shard table and failures are checked
+    against the done markers by verify."""
+    def bad(key: str, value: Any, want: str) -> DamagedCacheError:
+        return DamagedCacheError(f"{where}: {key} = {_short(value)}: expected {want}; "
+                                 "the manifest is damaged")
+    spec = CacheSpec.from_json(m.get("spec"))
+    if m.get("status") not in ("incomplete", "complete"):
+        raise bad("status", m.get("status"), "'incomplete' or 'complete'")
+    fields = m.get("fields")
+    if fields != {n: f.to_json() for n, f in spec.fields.items()}:
+        raise bad("fields", fields, "the fields its spec implies")
+    latent = m.get("latent")
+    scale = latent.get("scale") if isinstance(latent, dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise bad("latent.scale", scale, "a finite number > 0")
+    if not isinstance(m.get("provenance", {}), dict):
+        raise bad("provenance", m.get("provenance"), "an object")
+    if m["status"] == "complete":
+        failures = m.get("failures")
+        if not isinstance(failures, list) or len(failures) > spec.num_samples or not all(
+                isinstance(f, dict) and _is_int(f.get("index"))
+                and 0 <= f["index"] < spec.num_samples and isinstance(f.get("reason"), str)
+                for f in failures):
+            raise bad("failures", failures, "a list of {index, key, reason} with indices "
+                                            f"in [0, {spec.num_samples})")
+        valid = spec.num_samples - len({f["index"] for f in failures})
+        if m.get("num_valid") != valid or m.get("num_samples") != spec.num_samples:
+            raise bad("num_valid", m.get("num_valid"),
+                      f"{valid} (num_samples {spec.num_samples} less the failures)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def done_marker_key(backend: str, shard: int) -> str:
@@ -274,9 +409,12 @@ def done_marker_path(root: str | os.PathLike, backend: str, shard: int) -> Path:
 def read_done_marker(root: str | os.PathLike | Store, backend: str, shard: int
                      ) -> dict | None:
     """The done marker of a shard, or None if the shard is not (completely) written."""
+    store, key = Store.of(root), done_marker_key(backend, shard)
     try:
-        return json.loads(Store.of(root).read_bytes(done_marker_key(backend, shard)))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        if store.size(key) > MAX_MARKER_BYTES:
+            return None  # no marker is this large: damaged (verify reports it not done)
+        return json.loads(store.read_bytes(key))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # missing, or damaged from outside (writes are atomic)
 
 
@@ -291,8 +429,6 @@ def state_sha256(state: dict[str, Any]) -> str:
     """Hash of a torch state dict (names, dtypes, shapes, bytes): the identity of a model's
     weights whatever file or hub revision they came from, recorded in the manifest so the
     trainer's side can check it holds the same VAE as the encoder."""
-    import hashlib
-
     import torch
     h = hashlib.sha256()
     for name, t in sorted(state.items()):

@@ -27,6 +27,7 @@ rows and copies each row once into the window's (pinned) tensors. Resume state i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .format import CLS, INDEX, LABEL, MOMENTS, TOKENS, TOKENS_SCALE
+from .format import CLS, INDEX, LABEL, MOMENTS, TOKENS, TOKENS_SCALE, CacheError
 from .quant import dequantize_tokens
 from .reader import CacheDataset, open_cache
 
@@ -60,6 +61,10 @@ class LoaderConfig:
     pin_memory: bool | None = None  # None: when CUDA is available
     mp_context: str = "forkserver"  # zarr runs an event-loop thread: do not fork it
     backend: str | None = None  # zarr or wds when the cache has both
+    # check every chunk (zarr) or member (wds) read against the CRC32C its done marker
+    # records: damage stops the loader with DamagedCacheError before it reaches a batch.
+    # Costs ~N% of the loader's throughput (docs/performance.md); False reads unchecked
+    verify: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -219,7 +224,10 @@ class CacheLoader:
                  *, rank: int = 0, world_size: int = 1, streams: int | None = None):
         self.cfg = config or LoaderConfig()
         self.ds = cache if isinstance(cache, CacheDataset) else open_cache(
-            cache, backend=self.cfg.backend)
+            cache, backend=self.cfg.backend, verify_reads=self.cfg.verify)
+        if self.ds.verify_reads and not self.cfg.verify:  # a copy: the caller's stays as it is
+            self.ds = copy.copy(self.ds)
+            self.ds.verify_reads, self.ds._reader = False, None
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
@@ -289,7 +297,14 @@ class CacheLoader:
         epoch = self.epoch
         first, skip = divmod(self.batch_in_epoch, M)
         self._sampler.tasks = self._tasks(epoch, first)
-        for item in self._dl:
+        items = iter(self._dl)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except CacheError as e:  # raised in a worker: keep its one-line message
+                raise type(e)(_worker_message(e)) from None
             n = len(next(iter(item.values()))) // B
             for m in range(skip, n):
                 self.batch_in_epoch += 1
@@ -322,3 +337,14 @@ class CacheLoader:
 
 def _identity(x):
     return x
+
+
+def _worker_message(e: Exception) -> str:
+    """The original message of an error a DataLoader worker raised: torch re-raises it
+    in the main process with the worker's whole traceback as the message."""
+    text = str(e)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = type(e).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last

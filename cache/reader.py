@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, FailedSampleError,
-                     IncompleteCacheError, done_shards, read_done_marker, read_manifest)
+from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, DamagedCacheError,
+                     FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards,
+                     latent_channel_stats, read_done_marker, read_manifest)
+from .markers import check_marker, expected_files, file_digest, load_marker
 from .quant import dequantize_tokens
 from .store import Store
 from .wds_backend import WdsReader
-from .wds_backend import shard_file as wds_shard_file
 from .zarr_backend import ZarrReader
-from .zarr_backend import shard_file as zarr_shard_file
 
 READERS = {"zarr": ZarrReader, "wds": WdsReader}
 
@@ -58,27 +59,41 @@ class VerifyReport:
 
 
 def open_cache(path: str | os.PathLike, *, allow_partial: bool = False,
-               backend: str | None = None) -> CacheDataset:
+               backend: str | None = None, verify_reads: bool = True) -> CacheDataset:
     """Open a cache: a directory or an fsspec URL (s3://bucket/in1k-256). Raises
-    NotACacheError, FormatVersionError, or IncompleteCacheError (unless `allow_partial`, which serves the shards that are done).
-    `backend` picks zarr or wds when both were written (default: the first written)."""
-    return CacheDataset(path, allow_partial=allow_partial, backend=backend)
+    NotACacheError, FormatVersionError, DamagedCacheError (a manifest changed since it was
+    written), or IncompleteCacheError (unless `allow_partial`, which serves the shards that
+    are done). `backend` picks zarr or wds when both were written (default: the first
+    written). With `verify_reads` (the default) every chunk or member read is checked
+    against the CRC32C its done marker records, and damage raises DamagedCacheError naming
+    the file (docs/cache-format.md, "Threat model and guarantees")."""
+    return CacheDataset(path, allow_partial=allow_partial, backend=backend,
+                        verify_reads=verify_reads)
 
 
 class CacheDataset:
     def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, verify_reads: bool = True):
         self.manifest = read_manifest(path)
         self.store = Store.of(path)
         self.root = str(self.store)  # as given: a path or a URL
         self.spec = CacheSpec.from_json(self.manifest["spec"])
+        self.version = self.manifest["format_version"]
+        self.dataset = dataset_sha256(self.manifest)
+        self.verify_reads = verify_reads and self.version >= 2
+        if verify_reads and self.version < 2:
+            warnings.warn(f"{self.root} is a format v{self.version} cache: it records no read "
+                          "checksums, so reads are not checked; run `pipeline verify` on it "
+                          "before training, or re-encode it", stacklevel=2)
+        self._markers: dict[int, dict] = {}
         self.backend = backend or self.spec.backends[0]
         if self.backend not in self.spec.backends:
             raise ValueError(f"backend {self.backend!r} not in this cache "
                              f"(it has {list(self.spec.backends)})")
         spec = self.spec
         done_set = done_shards(self.store, self.backend)
-        done = np.array([k in done_set for k in range(spec.num_shards)])
+        done = np.zeros(spec.num_shards, dtype=bool)
+        done[[k for k in done_set if k < spec.num_shards]] = True
         if self.manifest.get("status") != "complete" or not done.all():
             if not allow_partial:
                 raise IncompleteCacheError(
@@ -87,22 +102,36 @@ class CacheDataset:
                     "it by rerunning the encode job, or open it with allow_partial=True")
         self.shard_done = done
         failures = self.manifest.get("failures")
-        if failures is None:  # not finalized: the done markers list them
-            failures = [f for k in np.flatnonzero(done)
-                        for f in (read_done_marker(self.store, self.backend, k)
-                                  or {"failures": []})["failures"]]
+        if failures is None:  # not finalized: the (checked) done markers list them
+            failures = [f for k in np.flatnonzero(done) for f in self._marker(int(k))["failures"]]
         self.failures: dict[int, str] = {int(f["index"]): f["reason"] for f in failures}
-        available = np.repeat(done, spec.shard_size)[:spec.num_samples]
-        available[list(self.failures)] = False
-        self.valid_indices = np.flatnonzero(available).astype(np.int64)
+        # built from the done shards only: memory follows the samples there are
+        ranges = [np.arange(*spec.shard_range(int(k)), dtype=np.int64)
+                  for k in np.flatnonzero(done)]
+        valid = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        self.valid_indices = valid[~np.isin(valid, np.fromiter(self.failures, np.int64))]
         self._reader = None
+
+    def _marker(self, shard: int) -> dict[str, Any]:
+        """The shard's done marker, checked once (DamagedCacheError if it is not sound)."""
+        marker = self._markers.get(shard)
+        if marker is None:
+            marker = self._markers[shard] = load_marker(
+                self.store, self.spec, self.backend, shard, version=self.version,
+                dataset=self.dataset)
+        return marker
+
+    def _checksums(self, shard: int) -> dict[str, Any]:
+        return self._marker(shard)["checksums"]
 
     # --------------------------------------------------------------- random access
     @property
     def reader(self) -> ZarrReader | WdsReader:
         """Backend reader, opened on first use (so each DataLoader worker opens its own)."""
         if self._reader is None:
-            self._reader = READERS[self.backend](self.store, self.spec)
+            self._reader = READERS[self.backend](
+                self.store, self.spec,
+                checksums=self._checksums if self.verify_reads else None)
         return self._reader
 
     def __getstate__(self) -> dict:
@@ -178,39 +207,68 @@ class CacheDataset:
     # --------------------------------------------------------------- verify & stats
     def verify(self, backends: Sequence[str] | None = None,
                num_threads: int | None = None) -> VerifyReport:
-        """Check every shard of every backend: done marker present, files present with
-        the recorded size and SHA-256, every field's shape and dtype, no NaN/Inf, the
-        index field and sample counts as the manifest says. Lists every bad shard."""
+        """Check every shard of every backend: a sound done marker written for this
+        manifest, files present with the recorded size, SHA-256 and read checksums, every
+        field's shape and dtype, no NaN/Inf, the index field and sample counts; then the
+        manifest's shard table, failures and latent statistics against the markers.
+        Lists every bad shard. Only the files a shard has by construction are opened."""
         backends = list(backends or self.spec.backends)
         problems: list[tuple[str, int | None, str]] = []
-        if self.manifest.get("status") != "complete":
+        complete = self.manifest.get("status") == "complete"
+        if not complete:
             problems.append(("manifest", None, f"status is {self.manifest.get('status')!r}, "
                                                "not 'complete' (finalize was never run)"))
         jobs = [(b, k) for b in backends for k in range(self.spec.num_shards)]
         with ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
             results = list(pool.map(lambda job: self._verify_shard(*job), jobs))
         samples = nbytes = 0
-        for (backend, shard), (shard_problems, n, size) in zip(jobs, results):
+        markers: dict[str, list[dict | None]] = {b: [] for b in backends}
+        for (backend, shard), (shard_problems, n, size, marker) in zip(jobs, results):
             problems += [(backend, shard, p) for p in shard_problems]
             samples, nbytes = samples + n, nbytes + size
-        n_failed = len(self.manifest.get("failures", []))
-        if self.manifest.get("status") == "complete" and \
-                self.manifest.get("num_valid") != self.spec.num_samples - n_failed:
-            problems.append(("manifest", None, f"num_valid {self.manifest.get('num_valid')} "
-                             f"!= num_samples {self.spec.num_samples} - failures {n_failed}"))
+            markers[backend].append(marker)
+        if complete:
+            problems += [("manifest", None, p) for p in self._cross_check(markers)]
         return VerifyReport(problems, len(jobs), samples, nbytes)
 
-    def _verify_shard(self, backend: str, shard: int) -> tuple[list[str], int, int]:
+    def _cross_check(self, markers: dict[str, list[dict | None]]) -> list[str]:
+        """The finalized manifest's shard table, failures and statistics against the done
+        markers (those that are sound): a manifest changed since finalize disagrees."""
+        m, problems = self.manifest, []
+        for backend, found in markers.items():
+            if any(mk is None for mk in found):
+                continue  # already reported per shard
+            table = [{"shard": k, "status": "done", "num_samples": mk["num_samples"],
+                      "files": mk["files"]} for k, mk in enumerate(found)]
+            if m.get("shards", {}).get(backend) != table:
+                problems.append(f"the shard table of {backend} differs from the done "
+                                "markers (the manifest was changed after finalize)")
+            failures = [f for mk in found for f in mk["failures"]]
+            if m.get("failures") != failures:
+                problems.append(f"failures differ from the {backend} done markers': manifest "
+                                f"{len(m.get('failures', []))}, markers {len(failures)}")
+            if backend == self.spec.backends[0]:
+                sums = np.sum([np.asarray(mk["latent_sums"]) for mk in found], axis=0)
+                stats = latent_channel_stats(sums, m["latent"]["scale"])
+                if m["latent"].get("channel_stats") != stats:
+                    problems.append("latent.channel_stats differ from the statistics the "
+                                    "done markers give")
+        return problems
+
+    def _verify_shard(self, backend: str, shard: int
+                      ) -> tuple[list[str], int, int, dict | None]:
+        """(problems, samples checked, bytes checked, the marker if it is sound)."""
         store = self.store
         marker = read_done_marker(store, backend, shard)
         if marker is None:
-            return ["not done (no done marker): rerun the encode job"], 0, 0
-        problems, nbytes = [], 0
-        expected = set(_expected_files(self.spec, backend, shard))
-        if set(marker["files"]) != expected:
-            problems.append(f"marker lists files {sorted(marker['files'])}, "
-                            f"expected {sorted(expected)}")
-        for rel, info in marker["files"].items():
+            return ["not done (no done marker): rerun the encode job"], 0, 0, None
+        problems = check_marker(marker, self.spec, backend, shard, version=self.version,
+                                dataset=self.dataset)
+        if problems:  # the names are not to be trusted either: read no file
+            return problems, 0, 0, None
+        nbytes = 0
+        for rel in expected_files(self.spec, backend, shard):
+            info = marker["files"][rel]
             if not store.is_file(rel):
                 problems.append(f"missing file {rel}")
                 continue
@@ -218,14 +276,21 @@ class CacheDataset:
             nbytes += size
             if size != info["bytes"]:
                 problems.append(f"{rel}: {size} bytes, expected {info['bytes']} (truncated?)")
-            elif store.sha256(rel) != info["sha256"]:
+                continue
+            digest = file_digest(store, rel, backend, self.spec)
+            if digest["sha256"] != info["sha256"]:
                 problems.append(f"{rel}: checksum mismatch (corrupted)")
+            elif "problem" in digest:
+                problems.append(f"unreadable: {digest['problem']}")
+            elif self.version >= 2 and digest["checksums"] != marker["checksums"][rel]:
+                problems.append(f"{rel}: the done marker's read checksums differ from the "
+                                "file's (the marker is damaged)")
         if problems:
-            return problems, 0, nbytes
+            return problems, 0, nbytes, None
         try:
             data = READERS[backend](store, self.spec).read_shard(shard)
         except Exception as e:  # report any decode failure as this shard's problem
-            return [f"unreadable: {type(e).__name__}: {e}"], 0, nbytes
+            return [f"unreadable: {type(e).__name__}: {e}"], 0, nbytes, None
         start, stop = self.spec.shard_range(shard)
         failed = {f["index"] for f in marker["failures"]}
         if backend == "wds":
@@ -235,9 +300,6 @@ class CacheDataset:
         n = len(want_index)
         if not np.array_equal(data.get(INDEX), want_index):
             problems.append(f"sample indices do not match the shard range [{start}, {stop})")
-        if marker["num_samples"] != stop - start - len(failed):
-            problems.append(f"marker counts {marker['num_samples']} samples, expected "
-                            f"{stop - start - len(failed)}")
         for name, f in self.spec.fields.items():
             a = data.get(name)
             if a is None:
@@ -253,7 +315,7 @@ class CacheDataset:
             elif a.dtype.kind == "f" and not np.isfinite(a).all():
                 bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))
                 problems.append(f"{name}: NaN/Inf in samples {(want_index[bad]).tolist()[:10]}")
-        return problems, n, nbytes
+        return problems, n, nbytes, (None if problems else marker)
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes, latent channel statistics and the label distribution."""
@@ -280,8 +342,3 @@ class CacheDataset:
                        "max_per_class": int(present.max()) if len(present) else 0},
         }
 
-
-def _expected_files(spec: CacheSpec, backend: str, shard: int) -> list[str]:
-    if backend == "zarr":
-        return [zarr_shard_file(spec, name, shard) for name in spec.fields]
-    return [wds_shard_file(shard)]

@@ -65,12 +65,21 @@ class Store:
         return f"Store({self.name!r})"
 
     def full(self, rel: str = "") -> str:
-        """The storage path of `rel` (what the fsspec filesystem takes)."""
+        """The storage path of `rel` (what the fsspec filesystem takes). `rel` must name
+        something inside the cache: no absolute path, URL, `..` or empty part."""
+        if rel:
+            parts = rel.split("/")
+            if (not isinstance(rel, str) or "\\" in rel or ":" in rel or "\0" in rel
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise ValueError(f"{rel!r} is not a name inside the cache {self.name}")
         return f"{self.path}/{rel}" if rel else self.path
 
     def local_path(self, rel: str = "") -> Path | None:
         """The local file of `rel` when the cache is a plain local directory, else None."""
-        return None if self.local is None else (self.local / rel if rel else self.local)
+        if self.local is None:
+            return None
+        self.full(rel)  # the name check
+        return self.local / rel if rel else self.local
 
     # ------------------------------------------------------------------ queries
     def exists(self, rel: str = "") -> bool:

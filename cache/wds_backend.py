@@ -24,12 +24,13 @@ import mmap
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+import google_crc32c
 import numpy as np
 import webdataset as wds
 
-from .format import INDEX, KEY, LABEL, CacheSpec
+from .format import INDEX, KEY, LABEL, CacheSpec, DamagedCacheError
 from .store import ShardFiles, Store
 
 DIR = "wds"
@@ -85,13 +86,21 @@ class _MappedTar:
     in tar order and offsets[ext] / sizes[ext] the data offset and size of each sample's
     member with that extension."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rel: str):
+        self.rel = rel
         rows: dict[int, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if m.isfile():
-                    stem, _, ext = m.name.partition(".")
-                    rows.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if m.isfile():
+                        stem, _, ext = m.name.partition(".")
+                        if not stem.isdigit() or len(stem) > 12:
+                            raise ValueError(f"member name {m.name[:40]!r} is not "
+                                             "<index>.<field>")
+                        rows.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
+        except (tarfile.TarError, ValueError, UnicodeDecodeError) as e:
+            raise DamagedCacheError(f"{rel}: unreadable tar ({e}); run `pipeline verify` "
+                                    "on the cache") from None
         self.keys = np.fromiter(rows, dtype=np.int64, count=len(rows))
         exts = {e for r in rows.values() for e in r}
         self.offsets = {e: np.array([r.get(e, (-1, 0))[0] for r in rows.values()], np.int64)
@@ -101,25 +110,47 @@ class _MappedTar:
         with open(path, "rb") as f:
             self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-    def locate(self, start: int, stop: int, ext: str) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets and sizes of `ext` for samples start..stop-1 (all must be present)."""
+    def locate(self, start: int, stop: int, ext: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """Row of sample `start`, and the offsets and sizes of `ext` for samples
+        start..stop-1 (all must be present)."""
         p = int(np.searchsorted(self.keys, start))
         n = stop - start
         if p + n > len(self.keys) or self.keys[p] != start or self.keys[p + n - 1] != stop - 1:
             missing = sorted(set(range(start, stop)) - set(self.keys.tolist()))
-            raise KeyError(f"samples {missing[:10]} are not in this tar")
-        offs, sizes = self.offsets[ext][p:p + n], self.sizes[ext][p:p + n]
-        if (offs < 0).any():
-            raise KeyError(f"a sample in [{start}, {stop}) lacks its .{ext} member")
-        return offs, sizes
+            raise DamagedCacheError(f"{self.rel}: samples {missing[:10]} are not in this tar "
+                                    "(damaged, or a tar from another shard)")
+        if ext not in self.offsets or (self.offsets[ext][p:p + n] < 0).any():
+            raise DamagedCacheError(f"{self.rel}: a sample in [{start}, {stop}) lacks its "
+                                    f".{ext} member")
+        return p, self.offsets[ext][p:p + n], self.sizes[ext][p:p + n]
+
+    def checksums(self) -> dict[str, list[int | None]]:
+        """CRC32C of every member's bytes, per extension, in row order (None: absent)."""
+        data = np.frombuffer(self.buf, np.uint8)
+        return {ext: [None if o < 0 else google_crc32c.value(data[o:o + s])
+                      for o, s in zip(self.offsets[ext].tolist(), self.sizes[ext].tolist())]
+                for ext in sorted(self.offsets)}
+
+
+def member_checksums(path: Path, rel: str) -> dict[str, list[int | None]]:
+    """What a done marker records for a tar: each member's CRC32C, per extension."""
+    return _MappedTar(path, rel).checksums()
 
 
 class WdsReader:
     name = "wds"
 
     def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512,
-                 remote_shards: int | None = None):
+                 remote_shards: int | None = None,
+                 checksums: Callable[[int], dict[str, Any]] | None = None):
+        """`checksums(shard)`: the shard's recorded checksums (its done marker's), which
+        every member read is checked against; None reads unchecked (format v1 caches)."""
         self.store, self.spec = Store.of(store), spec
+        self._checksums = checksums
+        self._expected: dict[int, dict[str, list]] = {}
+        # members already checked, per (shard, extension): each is checked once per
+        # reader, as ZarrReader checks each chunk once
+        self._checked: dict[tuple[int, str], np.ndarray] = {}
         self._tars: dict[int, _MappedTar] = {}
         self._max_open = max_open_shards
         self._fetched: ShardFiles | None = None
@@ -138,8 +169,33 @@ class WdsReader:
                     self._fetched.drop(shard_file(old))
             rel = shard_file(shard)
             path = self._fetched.get(rel) if self._fetched else self.store.local_path(rel)
-            t = self._tars[shard] = _MappedTar(path)
+            t = self._tars[shard] = _MappedTar(path, rel)
+            if self._checksums is not None:
+                want = self._checksums(shard).get(rel)
+                if not (isinstance(want, dict) and all(
+                        isinstance(v, list) and len(v) == len(t.keys) for v in want.values())):
+                    raise DamagedCacheError(f"{rel}: its done marker holds no valid member "
+                                            "checksums; run `pipeline verify` on the cache")
+                self._expected[shard] = want
         return t
+
+    def _check(self, tar: _MappedTar, shard: int, ext: str, row: int, offs: np.ndarray,
+               sizes: np.ndarray) -> None:
+        """Raise DamagedCacheError unless each member's bytes match their recorded CRC32C."""
+        if self._checksums is None:
+            return
+        want = self._expected[shard].get(ext)
+        checked = self._checked.setdefault((shard, ext), np.zeros(len(tar.keys), bool))
+        if checked[row:row + len(offs)].all():
+            return
+        data = np.frombuffer(tar.buf, np.uint8)
+        for j, (o, s) in enumerate(zip(offs.tolist(), sizes.tolist())):
+            if want is None or google_crc32c.value(data[o:o + s]) != want[row + j]:
+                raise DamagedCacheError(
+                    f"{tar.rel}: member {tar.keys[row + j]:09d}.{ext} fails its checksum "
+                    "(damaged, or a tar from another place); run `pipeline verify` on the "
+                    "cache")
+        checked[row:row + len(offs)] = True
 
     def _npy_layout(self, buf: mmap.mmap, offset: int, size: int
                     ) -> tuple[int, np.dtype, tuple[int, ...]]:
@@ -171,13 +227,20 @@ class WdsReader:
         if name == INDEX:
             yield np.arange(start, stop, dtype=np.int64)
             return
-        tar = self._tar(start // self.spec.shard_size)
-        offs, sizes = tar.locate(start, stop, member_ext(name))
+        shard = start // self.spec.shard_size
+        tar = self._tar(shard)
+        row, offs, sizes = tar.locate(start, stop, member_ext(name))
+        self._check(tar, shard, member_ext(name), row, offs, sizes)
         if name == LABEL:
             yield np.array([int(bytes(tar.buf[o:o + s])) for o, s in zip(offs, sizes)],
                            dtype=np.int64)
             return
         data_off, dtype, shape = self._npy_layout(tar.buf, int(offs[0]), int(sizes[0]))
+        f = self.spec.fields[name]
+        if shape != f.shape or dtype != np.dtype(f.dtype) or data_off + f.nbytes > sizes[0]:
+            raise DamagedCacheError(f"{tar.rel}: member {start:09d}.{member_ext(name)} "
+                                    f"holds {dtype}{list(shape)}, expected "
+                                    f"{f.dtype}{list(f.shape)}")
         row_strides = np.empty(shape, dtype).strides
         stride = np.diff(offs)
         if (sizes == sizes[0]).all() and (len(offs) == 1 or (stride == stride[0]).all()):
@@ -187,6 +250,9 @@ class WdsReader:
             return
         for o, s in zip(offs, sizes):  # irregular layout (a tar written by other tools)
             d, dt, sh = self._npy_layout(tar.buf, int(o), int(s))
+            if sh != f.shape or dt != np.dtype(f.dtype) or d + f.nbytes > s:
+                raise DamagedCacheError(f"{tar.rel}: a .{member_ext(name)} member holds "
+                                        f"{dt}{list(sh)}, expected {f.dtype}{list(f.shape)}")
             yield np.ndarray((1, *sh), dtype=dt, buffer=tar.buf, offset=int(o) + d)
 
     def read_keys(self, start: int, stop: int) -> list[str]:
@@ -194,7 +260,8 @@ class WdsReader:
         while start < stop:
             end = min(stop, (start // S + 1) * S)
             tar = self._tar(start // S)
-            offs, sizes = tar.locate(start, end, member_ext(KEY))
+            row, offs, sizes = tar.locate(start, end, member_ext(KEY))
+            self._check(tar, start // S, member_ext(KEY), row, offs, sizes)
             out += [bytes(tar.buf[o:o + s]).decode() for o, s in zip(offs, sizes)]
             start = end
         return out

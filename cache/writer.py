@@ -22,17 +22,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from .format import (CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
-                     MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE, CacheMismatchError,
-                     CacheSpec, IncompleteCacheError, done_marker_key, done_shards, json_bytes,
-                     latent_channel_stats, read_done_marker, read_manifest)
+                     MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE, VOLATILE_PROVENANCE,
+                     CacheMismatchError, CacheSpec, DamagedCacheError, IncompleteCacheError,
+                     dataset_sha256, done_marker_key, done_shards, json_bytes,
+                     latent_channel_stats, read_done_marker, read_manifest, sealed)
+from .markers import check_marker, file_digest
 from .quant import quantize_tokens
 from .store import Store
 from .wds_backend import WdsWriter
 from .zarr_backend import ZarrWriter
 
 WRITERS = {"zarr": ZarrWriter, "wds": WdsWriter}
-# provenance keys that may differ between the run that created a cache and a resuming run
-VOLATILE_PROVENANCE = ("created", "software", "host", "command", "summary")
 _SOFTWARE = ("numpy", "torch", "zarr", "numcodecs", "webdataset", "ray", "timm",
              "diffusers", "accelerate", "urepa-cache")
 
@@ -95,7 +95,7 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
                                         if spec.token_dtype == "int8" else None)},
             "provenance": {**provenance, "created": _now(), "software": software_versions()},
         }
-        root.write_bytes(MANIFEST_NAME, json_bytes(manifest))
+        root.write_bytes(MANIFEST_NAME, json_bytes(sealed(manifest)))
     return CacheWriter(root)
 
 
@@ -106,6 +106,12 @@ class CacheWriter:
         self.store = Store.of(root)
         self.manifest = read_manifest(self.store)
         self.spec = CacheSpec.from_json(self.manifest["spec"])
+        if self.manifest["format_version"] != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"{self.store} was written in cache format v{self.manifest['format_version']}"
+                f"; this code writes v{FORMAT_VERSION} and does not mix the two: encode "
+                "into a new --out")
+        self.dataset = dataset_sha256(self.manifest)
         self._writers = {b: WRITERS[b](self.store, self.spec) for b in self.spec.backends}
 
     def is_done(self, shard: int) -> bool:
@@ -191,10 +197,16 @@ class CacheWriter:
             files = self._writers[backend].write_shard(shard, stored, failed=set(failures))
             # done marker last: its presence means every file above is complete. The
             # checksums are of the files as stored (read back, also from a remote store)
+            digests = {rel: file_digest(store, rel, backend, self.spec) for rel in files}
+            unreadable = [d["problem"] for d in digests.values() if "problem" in d]
+            if unreadable:  # read back wrong right after writing: never mark it done
+                raise OSError(f"shard {shard} reads back damaged: {unreadable[0]}")
             store.write_bytes(marker_key, json_bytes({
                 **marker,
-                "files": {rel: {"bytes": store.size(rel), "sha256": store.sha256(rel)}
-                          for rel in files},
+                "dataset": self.dataset,
+                "files": {rel: {"bytes": d["bytes"], "sha256": d["sha256"]}
+                          for rel, d in digests.items()},
+                "checksums": {rel: d["checksums"] for rel, d in digests.items()},
                 "written": _now(),
             }))
         return True
@@ -218,8 +230,9 @@ def finalize_cache(root: str | Path | Store, provenance_update: Mapping[str, Any
     root = Store.of(root)
     m = read_manifest(root)
     spec = CacheSpec.from_json(m["spec"])
+    dataset = dataset_sha256(m)
     shards: dict[str, list] = {}
-    missing = []
+    missing, damaged = [], []
     markers = []
     for backend in spec.backends:
         table = []
@@ -230,11 +243,20 @@ def finalize_cache(root: str | Path | Store, provenance_update: Mapping[str, Any
             if mk is None:
                 missing.append(f"{backend}:{k}")
                 continue
+            problems = check_marker(mk, spec, backend, k, version=m["format_version"],
+                                    dataset=dataset)
+            if problems:
+                damaged.append(f"{root}/_done/{backend}/{k:06d}.json: {problems[0]}")
+                continue
             table.append({"shard": k, "status": "done", "num_samples": mk["num_samples"],
                           "files": mk["files"]})
             if backend == spec.backends[0]:
                 markers.append(mk)
         shards[backend] = table
+    if damaged:
+        raise DamagedCacheError(
+            f"{len(damaged)} done marker(s) are damaged; delete them and rerun the encode "
+            "job to rewrite those shards:\n  " + "\n  ".join(damaged[:20]))
     if missing:
         raise IncompleteCacheError(
             f"{root}: {len(missing)} shard(s) not done: {missing[:20]}"
@@ -250,5 +272,6 @@ def finalize_cache(root: str | Path | Store, provenance_update: Mapping[str, Any
     m["finalized"] = _now()
     if provenance_update:
         m["provenance"].update(provenance_update)
+    m = sealed(m)
     root.write_bytes(MANIFEST_NAME, json_bytes(m))
     return m

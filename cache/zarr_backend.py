@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
 
-from .format import KEY, CacheSpec, FieldSpec
+from .format import KEY, CacheSpec, DamagedCacheError, FieldSpec
 from .store import Store
 
 GROUP = "zarr"
@@ -46,18 +47,22 @@ class ZarrWriter:
     def create(self) -> None:
         """Create the group and every array's metadata once, before any shard is written."""
         group = zarr.open_group(self.store.zarr_store(GROUP, read_only=False), mode="a")
-        compressors = (zarr.codecs.ZstdCodec(level=3),) if self.spec.compression else None
+        # every inner chunk ends in a CRC32C (zarr's crc32c codec): zarr's own reader
+        # checks it on every read, and so does our fast path (against the done marker)
+        crc = zarr.codecs.Crc32cCodec()
         for name, f in self.spec.fields.items():
             if name in group:
                 continue
             is_str = f.dtype == "str"
+            zstd = (zarr.codecs.ZstdCodec(level=3),) if self.spec.compression and not is_str \
+                else ()
             group.create_array(
                 name,
                 shape=(self.spec.num_samples, *f.shape),
                 dtype=str if is_str else f.dtype,
                 chunks=(self.spec.chunk_size, *f.shape),
                 shards=(self.spec.shard_size, *f.shape),
-                compressors=None if is_str else compressors,
+                compressors=(*zstd, crc),
                 fill_value="" if is_str else 0,
             )
 
@@ -97,30 +102,87 @@ def shard_file(spec: CacheSpec, name: str, shard: int) -> str:
     return f"{GROUP}/{name}/{_chunk_key(shard, ndim)}"
 
 
-class _MappedShard:
-    """Read-only view of one uncompressed zarr shard file through mmap."""
+def shard_index(buf, n_chunks: int, where: str) -> np.ndarray:
+    """The [n_chunks, 2] (offset, nbytes) index at the end of a zarr shard file written by
+    this cache (index codecs bytes + crc32c), its checksum and bounds checked."""
+    need = 16 * n_chunks + 4
+    if len(buf) < need:
+        raise DamagedCacheError(f"{where}: {len(buf)} bytes, too short for its shard index "
+                                "(truncated)")
+    raw = np.frombuffer(buf, dtype=np.uint8, count=need, offset=len(buf) - need)
+    if google_crc32c.value(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
+        raise DamagedCacheError(f"{where}: its shard index fails its checksum")
+    index = raw[:-4].view("<u8").reshape(n_chunks, 2)
+    written = index[:, 0] != _EMPTY
+    if (index[written].sum(axis=1) > len(buf) - need).any():
+        raise DamagedCacheError(f"{where}: its shard index points past the end of the file")
+    return index
 
-    def __init__(self, path: Path, n_chunks: int, index_bytes: int):
+
+def chunk_checksums(buf, n_chunks: int, where: str) -> list[int | None]:
+    """CRC32C of every inner chunk's stored bytes (its crc32c trailer left out; None for a
+    chunk never written) of a zarr shard file written by this cache: what a done marker
+    records and what readers compare."""
+    out: list[int | None] = []
+    for offset, nbytes in shard_index(buf, n_chunks, where).tolist():
+        out.append(None if offset == _EMPTY else google_crc32c.value(
+            np.frombuffer(buf, np.uint8, count=nbytes - 4, offset=offset)))
+    return out
+
+
+class _MappedShard:
+    """Read-only view of one uncompressed zarr shard file through mmap, with the CRC32C
+    its done marker records for each inner chunk (None: reads are not checked)."""
+
+    def __init__(self, path: Path, rel: str, n_chunks: int, index_bytes: int, trailer: int,
+                 crcs: list[int | None] | None, checked: np.ndarray):
         with open(path, "rb") as f:
             self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        idx = np.frombuffer(self.buf, dtype="<u8", count=2 * n_chunks,
-                            offset=len(self.buf) - index_bytes)
-        self.index = idx.reshape(n_chunks, 2)
+        self.rel, self.trailer, self.crcs, self.checked = rel, trailer, crcs, checked
+        if trailer:  # this cache's layout: the index ends in its own crc32c
+            self.index = shard_index(self.buf, n_chunks, rel)
+        else:  # format v1: no checksums to check
+            idx = np.frombuffer(self.buf, dtype="<u8", count=2 * n_chunks,
+                                offset=len(self.buf) - index_bytes)
+            self.index = idx.reshape(n_chunks, 2)
+
+    def check(self, chunk: int, offset: int, nbytes: int) -> None:
+        """Raise DamagedCacheError unless the chunk's bytes match their recorded CRC32C
+        (checked the first time this reader uses the chunk: see ZarrReader)."""
+        if self.crcs is None or self.checked[chunk]:
+            return
+        data = np.frombuffer(self.buf, np.uint8, count=nbytes - self.trailer, offset=offset)
+        if google_crc32c.value(data) != self.crcs[chunk]:
+            raise DamagedCacheError(
+                f"{self.rel}: inner chunk {chunk} fails its checksum (damaged, or a shard "
+                "file from another place); run `pipeline verify` on the cache")
+        self.checked[chunk] = True
 
 
 class ZarrReader:
     name = "zarr"
 
-    def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512):
+    def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512,
+                 checksums: Callable[[int], dict[str, Any]] | None = None):
+        """`checksums(shard)` gives the shard's recorded checksums (its done marker's
+        "checksums"): each inner chunk read on the fast path is checked against them.
+        None reads unchecked (format v1 caches, or checks turned off).
+
+        A chunk is checked the first time this reader uses it, not at every read: damage
+        at rest (bit rot, a bad copy, a swapped file) is there before training starts,
+        and an unchanged file read again gives the same bytes. That makes the checks cost
+        one CRC32C pass per chunk per reading process (docs/performance.md)."""
         self.store, self.spec = Store.of(store), spec
         group = zarr.open_group(self.store.zarr_store(GROUP, read_only=True), mode="r")
         self.arrays = {name: group[name] for name in spec.fields}
         self._fast = {name: self._fast_layout(name) for name in spec.fields}
         self._mapped: dict[tuple[str, int], _MappedShard] = {}
         self._max_open = max_open_shards
+        self._checksums = checksums
+        self._checked: dict[tuple[str, int], np.ndarray] = {}  # kept when a map is dropped
 
-    def _fast_layout(self, name: str) -> int | None:
-        """Index size in bytes if `name` can be read by mmap, else None."""
+    def _fast_layout(self, name: str) -> tuple[int, int] | None:
+        """(index bytes, chunk trailer bytes) if `name` can be read by mmap, else None."""
         arr = self.arrays[name]
         if self.spec.fields[name].dtype == "str" or self.store.local_path() is None:
             return None
@@ -130,13 +192,17 @@ class ZarrReader:
         conf = codecs[0]["configuration"]
         inner = [c["name"] for c in conf["codecs"]]
         little = conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-        if inner != ["bytes"] or not little or conf.get("index_location", "end") != "end":
+        if inner not in (["bytes"], ["bytes", "crc32c"]) or not little \
+                or conf.get("index_location", "end") != "end":
             return None
         index_codecs = [c["name"] for c in conf["index_codecs"]]
         if index_codecs not in (["bytes"], ["bytes", "crc32c"]):
             return None
+        if "crc32c" in inner and index_codecs != ["bytes", "crc32c"]:
+            return None  # not written by this cache
         n_chunks = self.spec.shard_size // self.spec.chunk_size
-        return 16 * n_chunks + (4 if "crc32c" in index_codecs else 0)
+        return (16 * n_chunks + (4 if "crc32c" in index_codecs else 0),
+                4 if "crc32c" in inner else 0)
 
     def _shard(self, name: str, shard: int) -> _MappedShard:
         key = (name, shard)
@@ -144,43 +210,51 @@ class ZarrReader:
         if m is None:
             if len(self._mapped) >= self._max_open:
                 self._mapped.pop(next(iter(self._mapped)))  # oldest first
-            path = self.store.local_path(shard_file(self.spec, name, shard))
-            m = _MappedShard(path, self.spec.shard_size // self.spec.chunk_size,
-                             self._fast[name])
+            rel = shard_file(self.spec, name, shard)
+            n_chunks = self.spec.shard_size // self.spec.chunk_size
+            index_bytes, trailer = self._fast[name]
+            crcs = None
+            if self._checksums is not None:
+                crcs = self._checksums(shard).get(rel)
+                if not (isinstance(crcs, list) and len(crcs) == n_chunks and trailer):
+                    raise DamagedCacheError(f"{rel}: its done marker holds no valid chunk "
+                                            "checksums; run `pipeline verify` on the cache")
+            checked = self._checked.setdefault(key, np.zeros(n_chunks, dtype=bool))
+            m = _MappedShard(self.store.local_path(rel), rel, n_chunks, index_bytes,
+                             trailer, crcs, checked)
             self._mapped[key] = m
         return m
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         """Rows [start, stop) of field `name` as consecutive array pieces (views into the
-        mapped files on the fast path: copy them out before the reader goes away)."""
+        mapped files on the fast path: copy them out before the reader goes away). Each
+        inner chunk is checked against its recorded CRC32C before any row of it is used."""
         if self._fast[name] is None:
-            yield self.arrays[name][start:stop]
+            yield self.arrays[name][start:stop]  # zarr checks the crc32c trailers
             return
         f: FieldSpec = self.spec.fields[name]
         S, C = self.spec.shard_size, self.spec.chunk_size
         dtype = np.dtype(f.dtype)
-        row_bytes = f.nbytes
+        chunk_bytes = C * f.nbytes
         row = start
         while row < stop:
             shard, in_shard = divmod(row, S)
             first, in_chunk = divmod(in_shard, C)
             rows_left = min(stop, (shard + 1) * S) - row  # stay inside this shard
             mapped = self._shard(name, shard)
-            offset, nbytes = mapped.index[first]
+            n = min(rows_left, C - in_chunk)
+            offset, nbytes = (int(v) for v in mapped.index[first])
             if offset == _EMPTY:
-                n = min(rows_left, C - in_chunk)
                 yield np.zeros((n, *f.shape), dtype)
                 row += n
                 continue
-            # extend over the following chunks stored back to back: one view for the run
-            last, chunks_needed = first, -(-(in_chunk + rows_left) // C)
-            while (last - first + 1 < chunks_needed and mapped.index[last + 1, 0]
-                   == mapped.index[last, 0] + mapped.index[last, 1]):
-                last += 1
-            n = min(rows_left, (last - first + 1) * C - in_chunk)
-            count = (in_chunk + n) * row_bytes // dtype.itemsize
-            data = np.frombuffer(mapped.buf, dtype=dtype, count=count, offset=int(offset))
-            yield data.reshape(in_chunk + n, *f.shape)[in_chunk:]
+            if nbytes != chunk_bytes + mapped.trailer:
+                raise DamagedCacheError(f"{mapped.rel}: inner chunk {first} holds {nbytes} "
+                                        f"bytes, expected {chunk_bytes + mapped.trailer}")
+            mapped.check(first, offset, nbytes)
+            data = np.frombuffer(mapped.buf, dtype=dtype, count=C * f.nbytes // dtype.itemsize,
+                                 offset=offset)
+            yield data.reshape(C, *f.shape)[in_chunk:in_chunk + n]
             row += n
 
     def read_keys(self, start: int, stop: int) -> list[str]:

@@ -46,6 +46,7 @@ def test_nan_in_stored_data_is_found(make_cache):
     import numpy as np
     import zarr
 
+    from cache.markers import file_digest
     from cache.store import Store
     path, spec = make_cache(backends=("zarr",))
     arr = zarr.open_array(path / "zarr" / "cls", mode="r+")
@@ -55,8 +56,9 @@ def test_nan_in_stored_data_is_found(make_cache):
     marker_path = done_marker_path(path, "zarr", 1)
     marker = json.loads(marker_path.read_text())
     rel = "zarr/cls/c/1/0/0"
-    marker["files"][rel] = {"bytes": (path / rel).stat().st_size,
-                            "sha256": Store(path).sha256(rel)}
+    digest = file_digest(Store(path), rel, "zarr", spec)
+    marker["files"][rel] = {"bytes": digest["bytes"], "sha256": digest["sha256"]}
+    marker["checksums"][rel] = digest["checksums"]
     marker_path.write_text(json.dumps(marker))
     report = open_cache(path).verify()
     assert report.bad_shards == {"zarr": [1]} and "NaN/Inf in samples [21]" in str(report)

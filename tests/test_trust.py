@@ -1,0 +1,192 @@
+"""Nothing read back from a cache is trusted: names stay inside it, a changed manifest is
+found, damaged bytes never reach a batch, and sizes are bounded (issue 14)."""
+
+import builtins
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from cache import (CacheLoader, DamagedCacheError, IncompleteCacheError, LoaderConfig,
+                   open_cache)
+from cache.format import done_marker_path, manifest_path, sealed
+from pipeline.cli import main as pipeline_main
+
+
+def _edit_manifest(path, edit, reseal=False):
+    m = json.loads(manifest_path(path).read_text())
+    edit(m)
+    manifest_path(path).write_text(json.dumps(sealed(m) if reseal else m, indent=1))
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _all_batches(path, **kw):
+    loader = CacheLoader(path, LoaderConfig(batch_size=4, block_size=4, shuffle_buffer=8,
+                                            fields=("moments", "tokens", "label"), **kw))
+    return sum(1 for _ in loader)
+
+
+# ------------------------------------------------------------------ names (item 2)
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_verify_opens_no_name_outside_the_cache(make_cache, tmp_path, monkeypatch, backend):
+    path, spec = make_cache(backends=(backend,))
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret" * 100)
+    marker_file = done_marker_path(path, backend, 1)
+    marker = json.loads(marker_file.read_text())
+    rel = next(iter(marker["files"]))
+    info = {"bytes": outside.stat().st_size, "sha256": "0" * 64}
+    del marker["files"][rel]
+    marker["files"]["../outside.bin"] = info
+    marker["files"][f"file://{outside}"] = info
+    marker_file.write_text(json.dumps(marker))
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    report = open_cache(path).verify()
+    assert report.bad_shards == {backend: [1]}
+    assert "marker lists files" in str(report)
+    assert not [f for f in opened if "outside" in f]
+
+
+# ------------------------------------------------------------------ the manifest (item 3)
+@pytest.mark.parametrize("edit", [
+    lambda m: m["latent"].update(scale=0.18216),                       # one byte
+    lambda m: m["failures"].append({"index": 5, "key": "x", "reason": "y"}),
+])
+def test_any_manifest_change_is_found_on_open(make_cache, capsys, edit):
+    path, _ = make_cache(backends=("zarr",))
+    _edit_manifest(path, edit)
+    with pytest.raises(DamagedCacheError, match="does not match its own checksum"):
+        open_cache(path)
+    assert pipeline_main(["verify", str(path)]) == 1
+    assert "checksum" in _one_error_line(capsys)
+
+
+def test_a_resealed_manifest_is_caught_by_the_done_markers(make_cache):
+    """Even a manifest whose own checksum was recomputed disagrees with the markers."""
+    path, _ = make_cache(backends=("zarr", "wds"))
+    _edit_manifest(path, lambda m: m["latent"].update(scale=0.13025), reseal=True)
+    report = open_cache(path).verify()
+    assert not report.ok and "written for another manifest" in str(report)
+    assert report.bad_shards == {"zarr": list(range(5)), "wds": list(range(5))}
+
+    path, _ = make_cache("c2", backends=("zarr",))
+
+    def drop_sample(m):
+        m["failures"].append({"index": 5, "key": "x", "reason": "y"})
+        m["num_valid"] -= 1
+    _edit_manifest(path, drop_sample, reseal=True)
+    report = open_cache(path).verify()
+    assert "failures differ from the zarr done markers" in str(report)
+
+    path, _ = make_cache("c3", backends=("zarr",))
+    _edit_manifest(path, lambda m: m["latent"]["channel_stats"]["mean"].reverse(), reseal=True)
+    assert "channel_stats differ" in str(open_cache(path).verify())
+
+
+# ------------------------------------------------------------------ reads (item 4)
+def _zarr_chunk_data_offset(path):
+    """A byte inside the data of shard 2's first tokens chunk."""
+    return path / "zarr" / "tokens" / "c" / "2" / "0" / "0" / "0", 100
+
+
+def _wds_member_data_offset(path):
+    tar = path / "wds" / "shard-000002.tar"
+    with tarfile.open(tar) as tf:
+        member = next(m for m in tf if m.name.endswith(".tokens.npy"))
+    return tar, member.offset_data + 200
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_flipped_byte_never_reaches_a_batch(make_cache, backend, capsys):
+    path, _ = make_cache(backends=(backend,))
+    assert _all_batches(path) == 17
+    f, offset = (_zarr_chunk_data_offset if backend == "zarr" else _wds_member_data_offset)(path)
+    data = bytearray(f.read_bytes())
+    data[offset] ^= 0x10
+    f.write_bytes(bytes(data))
+    with pytest.raises(DamagedCacheError, match=r"fails its checksum.*pipeline verify") as e:
+        _all_batches(path)
+    assert f.relative_to(path).as_posix() in str(e.value)
+    # the explicit way out reads the damaged bytes as they are
+    assert _all_batches(path, verify=False) == 17
+
+
+def test_swapped_zarr_shards_are_found(make_cache):
+    path, _ = make_cache(backends=("zarr",))
+    a, b = (path / "zarr" / "moments" / "c" / str(k) / "0" / "0" / "0" for k in (1, 2))
+    tmp = a.with_name("swap")
+    shutil.move(a, tmp)
+    shutil.move(b, a)
+    shutil.move(tmp, b)
+    with pytest.raises(DamagedCacheError, match="zarr/moments/c/[12]/0/0/0"):
+        _all_batches(path)
+
+
+def test_damage_in_a_loader_worker_is_one_line(make_cache):
+    path, _ = make_cache(backends=("zarr",))
+    f, offset = _zarr_chunk_data_offset(path)
+    data = bytearray(f.read_bytes())
+    data[offset] ^= 0x10
+    f.write_bytes(bytes(data))
+    with pytest.raises(DamagedCacheError) as e:
+        _all_batches(path, num_workers=1, mp_context="spawn")
+    assert "\n" not in str(e.value) and "fails its checksum" in str(e.value)
+
+
+# ------------------------------------------------------------------ bounds (item 7)
+@pytest.mark.timeout(60)
+def test_an_absurd_num_samples_is_refused_at_once(make_cache, capsys):
+    path, _ = make_cache(backends=("zarr",))
+
+    def huge(m):
+        m["spec"]["num_samples"] = 10**12
+        m["num_samples"] = m["num_valid"] = 10**12
+    _edit_manifest(path, huge, reseal=True)
+    with pytest.raises(DamagedCacheError, match="documented limit"):
+        open_cache(path)
+    assert pipeline_main(["verify", str(path), "--allow-partial"]) == 1
+    assert "num_samples" in _one_error_line(capsys)
+
+    def large(m):  # within the limits, but more shards than the cache holds
+        m["spec"]["num_samples"] = 10**6
+        m["num_samples"] = m["num_valid"] = 10**6
+    _edit_manifest(path, large, reseal=True)
+    with pytest.raises(IncompleteCacheError, match="5/62500"):
+        open_cache(path)
+
+
+# ------------------------------------------------------------------ one line (wrong types)
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update(format_version="2"), "not a version number"),
+    (lambda m: m["spec"].update(tokens="16"), "spec.tokens"),
+    (lambda m: m["latent"].update(scale="0.18215"), "latent.scale"),
+    (lambda m: m.update(failures={"index": 3}), "failures"),
+])
+def test_manifest_fields_of_the_wrong_type_are_one_line(make_cache, capsys, edit, words):
+    path, _ = make_cache(backends=("zarr",))
+    _edit_manifest(path, edit, reseal=True)
+    for command in ("verify", "stats"):
+        assert pipeline_main([command, str(path)]) == 1
+        line = _one_error_line(capsys)
+        assert words in line and "newer" not in line
+
+
+def test_a_damaged_marker_is_one_line_for_the_loader(make_cache):
+    path, _ = make_cache(backends=("wds",))
+    marker_file = done_marker_path(path, "wds", 3)
+    marker = json.loads(marker_file.read_text())
+    marker["checksums"] = {"wds/shard-000003.tar": {"tokens.npy": "many"}}
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(DamagedCacheError, match="shard-000003.tar: its done marker holds no valid"):
+        _all_batches(path)
+    assert np.isfinite(open_cache(path)[0]["moments"]).all()  # other shards still read
