@@ -726,3 +726,15 @@ def test_readme_says_what_was_not_exercised():
     text = (DOCKER / "README.md").read_text()
     assert re.search(r"^#+ What was not exercised", text, re.M)
     assert "docker build -f docker/Dockerfile" in text
+
+
+def test_training_pods_accept_connections_only_from_their_own_job():
+    """The rendezvous store and NCCL have no authentication (docs/trust.md): the train
+    Job's NetworkPolicy admits only the Job's own pods, and selects exactly those pods."""
+    docs = _load(DOCKER / "kubernetes" / "train-job.yaml")
+    [job] = [d for d in docs if d["kind"] == "Job"]
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    own = {"job-name": job["metadata"]["name"]}
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == own and spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": own}}]}]
