@@ -57,8 +57,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from cache.lock import CacheLockedError, LockLostError
+
     from .encoders import WeightsError
-    from .job import EncodeConfig, TooManyFailures, make_plan, run_encode
+    from .job import DiskFullError, EncodeConfig, TooManyFailures, make_plan, run_encode
     from .sources import SourceError
     opts = {k: v for k, v in vars(args).items() if k not in ("command", "func", "dry_run")}
     opts["progress"] = not opts.pop("no_progress")
@@ -75,6 +77,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     except TooManyFailures as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (CacheLockedError, LockLostError) as e:   # another job writes this cache
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     return 0
 
 
@@ -117,6 +125,10 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
       help="undecodable images allowed, a count or a percentage (default 0.1%%)")
     a("--seed", type=int, default=0, help="seed of --random-weights")
     a("--no-progress", action="store_true", help="no live progress bar")
+    a("--break-lock", action="store_true",
+      help="take the cache's lock even from a job that looks alive, saying whose: for a "
+           "job known to be gone whose lock has not expired (another machine's lock expires "
+           "10 min after its last heartbeat; a dead job on this machine needs no flag)")
     a("--dry-run", action="store_true", help="list, load the models, print the plan, stop")
 
 

@@ -6,6 +6,10 @@
       -> write the whole shard      CPU tasks; files, then the done marker     cache/writer.py
       -> the driver: progress bar, failure budget, then finalize_cache
 
+The driver holds the cache's lock (cache/lock.py) from before it creates the cache until
+after it finalizes it, so a second job on the same --out is refused; each write task
+checks the lock's token before writing its shard.
+
 One shard is one unit of work from start to end, written by exactly one task (zarr shards
 need exactly one writer), so Ray's re-bundling of blocks cannot split a shard, a retried
 task rewrites the whole shard, and a rerun skips shards whose done marker exists.
@@ -14,6 +18,7 @@ task rewrites the whole shard, and a rerun skips shards whose done marker exists
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import math
@@ -28,6 +33,7 @@ from typing import Any
 
 from cache import CacheSpec, create_cache, finalize_cache
 from cache.format import MANIFEST_NAME, done_shards, read_done_marker
+from cache.lock import LOCK_NAME, CacheLock, LockLostError, check_token
 from cache.store import Store, is_url
 
 from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, teacher_input_size,
@@ -41,6 +47,49 @@ DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 
 class TooManyFailures(RuntimeError):
     """More samples failed to decode than --max-failures allows."""
+
+
+class DiskFullError(RuntimeError):
+    """The cache's storage ran out of space (or quota, or file size limit) during the job;
+    the shards already done are kept and a rerun resumes."""
+
+
+# a full disk, a full quota, a file over the file system's or RLIMIT_FSIZE's size limit:
+# all mean "make room, then rerun", none is a bug
+NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large for the file system or the process's file size "
+                         "limit (ulimit -f)"}
+
+
+def no_space_error(e: BaseException) -> OSError | None:
+    """The OSError saying the storage is full somewhere in `e`'s chain, or None.
+
+    Follows `__cause__`/`__context__` and Ray's `RayTaskError.cause`: `ray.get` of a task
+    that raised OSError re-raises a RayTaskError(OSError) whose `cause` is the original
+    (errno and filename intact). Ray Data is different: it wraps a failing task's error
+    in UserCodeException and only the worker's traceback text crosses to the driver, so
+    the write stage reports a full disk in its output row instead (`locked_write_stage`)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in NO_SPACE:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _no_space_message(root: Store, code: int, strerror: str | None, filename: str | None,
+                      shard: int | None = None, host: str | None = None) -> str:
+    where = ", ".join(w for w in (f"file {filename}" if filename else None,
+                                  f"shard {shard}" if shard is not None else None,
+                                  f"on {host}" if host else None) if w)
+    return (f"{NO_SPACE[code]} while writing {root} ({where + ': ' if where else ''}"
+            f"[Errno {code}] {strerror}): the shards already done are kept; free space and "
+            "rerun the same command to resume")
 
 
 @dataclass
@@ -72,6 +121,7 @@ class EncodeConfig:
     max_failures: str = "0.1%"
     seed: int = 0                     # random weights only
     progress: bool = True
+    break_lock: bool = False          # take the cache's lock even from a live-looking job
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -273,8 +323,9 @@ def plan_encoders(cfg: EncodeConfig, gpus: int, cpus: int) -> Encoders:
                     cfg.batch_size or 8)
 
 
-def build_dataset(plan: Plan, enc: Encoders, root: str):
-    """The Ray Data pipeline over the pending shards (lazy; iterate it to run)."""
+def build_dataset(plan: Plan, enc: Encoders, root: str, lock_token: str | None = None):
+    """The Ray Data pipeline over the pending shards (lazy; iterate it to run). With
+    `lock_token`, each write task first checks that the cache's lock still holds it."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.debug import log_once
@@ -309,8 +360,34 @@ def build_dataset(plan: Plan, enc: Encoders, root: str):
                         num_gpus=enc.num_gpus, num_cpus=enc.num_cpus)
     # the encoded shard (fp16 tokens) plus the stored copy (int8 or fp16) it becomes
     encoded = cfg.shard_size * cfg.views * (spec.bytes_per_sample // spec.views) * 2
-    return ds.map(write_stage, fn_kwargs=dict(root=root), num_cpus=1,
-                  memory=2 * encoded + (512 << 20))
+    return ds.map(locked_write_stage, fn_kwargs=dict(root=root, lock_token=lock_token),
+                  num_cpus=1, memory=2 * encoded + (512 << 20))
+
+
+def locked_write_stage(row: dict[str, Any], *, root: str, lock_token: str | None
+                       ) -> dict[str, Any]:
+    """write_stage (pipeline/stages.py) behind the job's lock: with `lock_token`, the
+    shard is written only while the cache's lock holds that token.
+
+    A lost lock or a full disk comes back in the row's `stop` (JSON; "" when the shard
+    was written) rather than as an exception: Ray Data would wrap the exception in
+    UserCodeException, lose its errno (only the traceback text reaches the driver) and
+    print the traceback; the driver raises LockLostError or DiskFullError instead."""
+    try:
+        if lock_token is not None:
+            check_token(root, lock_token)
+        return {**write_stage(row, root=root), "stop": ""}
+    except LockLostError as e:
+        stop = {"lock_lost": str(e)}
+    except Exception as e:
+        full = no_space_error(e)
+        if full is None:
+            raise
+        stop = {"errno": full.errno, "strerror": full.strerror, "shard": int(row["shard"]),
+                "filename": None if full.filename is None else str(full.filename),
+                "host": socket.gethostname()}
+    return {"shard": int(row["shard"]), "images": 0, "failed": 0, "bytes": 0,
+            "encode_seconds": 0.0, "failures": "[]", "stop": json.dumps(stop)}
 
 
 # ---------------------------------------------------------------- the job
@@ -329,15 +406,36 @@ def _too_many(n: int, budget: int, total: int, failures: list[dict]) -> str:
 
 
 def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dict[str, Any]:
-    """Plan, create or resume the cache, encode the pending shards on Ray, finalize.
+    """Take the cache's lock, plan, create or resume the cache, encode the pending shards
+    on Ray, finalize, release the lock.
 
-    Returns the summary (also stored in the manifest). Raises TooManyFailures (the cache
-    stays incomplete, its done shards kept) when failures exceed the budget."""
-    import ray
+    Returns the summary (also stored in the manifest). Raises CacheLockedError when
+    another job holds the lock, LockLostError when this job's lock is taken over while it
+    runs, TooManyFailures when failures exceed the budget, DiskFullError when the storage
+    fills up; in each case the cache stays incomplete with its done shards kept."""
     root = Store(cfg.out)   # a directory or an fsspec URL (s3://bucket/in1k-256)
-    if root.listdir() and not root.is_file(MANIFEST_NAME):
+    # the lock's own files (a job holding it may not have written the manifest yet)
+    if ([n for n in root.listdir() if not n.startswith(LOCK_NAME)]
+            and not root.is_file(MANIFEST_NAME)):
         raise ValueError(f"--out {root} exists and is not a cache; give a new or empty "
                          "directory (a typo must not write into a dataset)")
+    try:
+        with CacheLock(root, command=shlex.join(sys.argv), break_lock=cfg.break_lock,
+                       log=log) as lock:
+            return _encode_locked(cfg, plan, root, lock, log)
+    except DiskFullError:
+        raise
+    except Exception as e:   # the manifest, the lock, a done marker written by the driver
+        full = no_space_error(e)
+        if full is None:
+            raise
+        raise DiskFullError(_no_space_message(root, full.errno, full.strerror,
+                                              full.filename)) from e
+
+
+def _encode_locked(cfg: EncodeConfig, plan: Plan | None, root: Store, lock: CacheLock,
+                   log) -> dict[str, Any]:
+    import ray
     plan = plan or make_plan(cfg)
     started = _init_ray(cfg)
     try:
@@ -360,7 +458,8 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
                     for f in (read_done_marker(root, plan.spec.backends[0], k) or {}
                               ).get("failures", [])]
         t0 = time.perf_counter()
-        stats = _run_pipeline(plan, enc, root, failures, budget) if plan.pending else {}
+        stats = (_run_pipeline(plan, enc, root, failures, budget, lock.token)
+                 if plan.pending else {})
         elapsed = time.perf_counter() - t0
     finally:
         if started:
@@ -373,6 +472,7 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
                "images_per_second": round(images / elapsed, 2) if images else None,
                "steady_images_per_second": round(stats.get("steady", 0), 2),
                "shards_encoded": len(plan.pending), "shards_total": plan.spec.num_shards}
+    lock.check()   # a job whose lock was broken must not finalize another job's cache
     # a rerun with nothing to do keeps the summary of the run that did the work
     m = finalize_cache(root, {"summary": summary} if plan.pending else None)
     total = sum(f["bytes"] for t in m["shards"].values() for s in t for f in s["files"].values())
@@ -383,8 +483,8 @@ def run_encode(cfg: EncodeConfig, *, plan: Plan | None = None, log=print) -> dic
     return summary
 
 
-def _run_pipeline(plan: Plan, enc: Encoders, root: Store, failures: list[dict], budget: int
-                  ) -> dict[str, Any]:
+def _run_pipeline(plan: Plan, enc: Encoders, root: Store, failures: list[dict], budget: int,
+                  lock_token: str | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     todo = plan.pending_images
     stats = {"images": 0, "bytes": 0}
@@ -393,7 +493,14 @@ def _run_pipeline(plan: Plan, enc: Encoders, root: Store, failures: list[dict], 
     bar = tqdm(total=int(todo), unit="img", disable=not plan.cfg.progress, smoothing=0.1,
                dynamic_ncols=True, desc="encode", mininterval=1.0)
     try:
-        for row in build_dataset(plan, enc, str(root)).iter_rows():
+        for row in build_dataset(plan, enc, str(root), lock_token).iter_rows():
+            if row["stop"]:
+                stop = json.loads(row["stop"])
+                if "lock_lost" in stop:
+                    raise LockLostError(stop["lock_lost"])
+                raise DiskFullError(_no_space_message(root, stop["errno"], stop["strerror"],
+                                                      stop["filename"], stop["shard"],
+                                                      stop["host"]))
             stats["images"] += int(row["images"])
             stats["bytes"] += int(row["bytes"])
             if first is None:
