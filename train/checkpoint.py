@@ -4,10 +4,22 @@ Ours (written by `train run`, or by `train convert` from a REPA-family file):
 
     step_00400000/
       checkpoint.json        arch, flat config, latent scale, the cache's VAE, step, and
-                             "files": which file holds the EMA and which the trained model
+                             "files": which file holds the EMA and which the trained model;
+                             train run adds the layout version, the process count, the
+                             step and loader position ("train"), AdamW's param groups, the
+                             fp16 scaler and "contents": every other file's bytes and sha256
       model.safetensors      the trained student: "net.*" (backbone), "projector.*"
-      custom_checkpoint_0.pkl | ema.safetensors     the EMA backbone (files["ema"])
-      optimizer.bin, random_states_N.pkl, ...       train run only: what a resume needs
+      ema.safetensors        the EMA backbone
+      optimizer.safetensors  train run only: AdamW's tensors, "state.<i>.<name>"
+      rng_<process>.json     train run only: each process's Python, numpy, torch (CPU and
+                             CUDA) generator states
+
+checkpoint.json is written last, and a run's checkpoint is built under .tmp_step_N and
+renamed into place, so a step_N directory is complete when written; `incomplete` checks
+that it still is (files present, sizes and hashes as listed) before a run resumes from it.
+Nothing in a run directory is ever unpickled: the files above are read with safetensors
+and json only, and a checkpoint of the earlier pickled layout (accelerate's
+custom_checkpoint_N.pkl, random_states_N.pkl, optimizer.bin) is refused unread.
 
 The REPA family's (REPA's train.py, HASTE's; the released SiT-XL/2 file): one torch.save'd
 dict {"model": state dict, "ema": state dict, "opt", "args": argparse.Namespace, "steps"},
@@ -16,20 +28,23 @@ the names that differ are written once, in KEY_MAP. `pos_embed`, a frozen parame
 and a buffer computed from the grid here, is checked against ours and not loaded.
 `decoder_blocks.J` (their --legacy files) are blocks.(J + the number of blocks.N).
 
-Nothing here unpickles code: torch files load with weights_only=True, and the only class
-allowed besides tensors and containers is argparse.Namespace (their "args"). Every name,
-number and tensor read from a checkpoint is checked before use.
+Only REPA-family files, which a user names explicitly, go through torch.load, and
+never as code: weights_only=True, and the only class allowed besides tensors and
+containers is argparse.Namespace (their "args"). Every name, number and tensor read
+from a checkpoint is checked before use.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import pickle
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +57,14 @@ from .models import ARCHS, build_model
 from .models.sit import SIT_SIZES, SiT, sincos_pos_embed
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
-# accelerate's file names for the prepared model and the first object registered for
-# checkpointing (the EMA); a converted checkpoint names its own in checkpoint.json
-CHECKPOINT_FILES = {"model": "model.safetensors", "ema": "custom_checkpoint_0.pkl"}
+# the weights `train sample` reads, as train run names them (a converted checkpoint
+# lists its own in checkpoint.json "files")
+CHECKPOINT_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+OPTIMIZER_FILE = "optimizer.safetensors"
+# a run's checkpoint directory: 2 = the files above + rng_N.json + checkpoint.json
+# "contents"; 1 (no "layout" key) was accelerate's save_state, pickles included
+RUN_LAYOUT = 2
+PICKLED = ("custom_checkpoint_*.pkl", "random_states_*.pkl", "optimizer*.bin", "scaler.pt")
 FORMATS = ("auto", "ours", "repa")
 WEIGHTS = ("ema", "model")
 # what a model's shape may be, whatever a file says (a 4096 px image has a 512 latent)
@@ -114,14 +134,128 @@ class Checkpoint:
 
 # ------------------------------------------------------------------------ finding them
 def checkpoints(run_dir: Path) -> list[Path]:
-    """A run's complete checkpoints, oldest first."""
+    """A run's checkpoint directories (step_N), oldest first. Each was complete when
+    written; `newest_complete` checks that it still is."""
     d = Path(run_dir) / "checkpoints"
     return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name)) if d.is_dir() else []
 
 
+def rng_file(process: int) -> str:
+    return f"rng_{process}.json"
+
+
+def write_file(path: Path, data: bytes) -> dict[str, Any]:
+    """`data` as the new file `path`, flushed to disk; returns its checkpoint.json
+    "contents" entry {"bytes", "sha256"}. All of a run checkpoint's bytes pass through
+    the os.write here (ENOSPC and the like surface as OSError naming the file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked; 64 MiB per call
+            view = view[os.write(fd, view[: 1 << 26]):]
+        os.fsync(fd)
+    except OSError as e:
+        if e.filename is None:  # os.write does not name the file
+            e.filename = str(path)
+        raise
+    finally:
+        os.close(fd)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the checkpoint directory (no path, no leading dot)."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
+
+
+def _old_layout(ckpt: Path, meta: Any) -> str | None:
+    """Why `ckpt` is of the earlier pickled layout (its checkpoint.json `meta` has no
+    layout version, and pickles lie beside it or its "files" names one), or None."""
+    if isinstance(meta, dict) and "layout" in meta:
+        return None   # ours; a stray pickle beside it is never read
+    files = meta.get("files") if isinstance(meta, dict) else None
+    listed = [v for v in files.values() if isinstance(v, str)] if isinstance(files, dict) else []
+    unsafe = (sorted(p.name for pattern in PICKLED for p in ckpt.glob(pattern))
+              or [v for v in listed if not v.endswith(".safetensors")])
+    if unsafe:
+        return ("written by an earlier version of train run, which kept the EMA, optimizer "
+                f"and random states as pickles ({', '.join(unsafe[:3])}); this "
+                "version never unpickles a run's files, so it cannot resume or sample from "
+                "it. Finish or sample that run with the version that wrote it, or start a "
+                "new run_dir")
+    return None
+
+
+def incomplete(ckpt: Path, hashes: bool = True) -> str | None:
+    """Why a run's checkpoint `ckpt` cannot be resumed from (e.g. "optimizer.safetensors
+    missing"), or None when its checkpoint.json parses and lists the files of the layout
+    and each is there with the recorded size (and sha256, when `hashes`)."""
+    try:
+        meta = json.loads((ckpt / "checkpoint.json").read_bytes())
+    except FileNotFoundError:
+        return _old_layout(ckpt, None) or "checkpoint.json missing"
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+        return f"checkpoint.json unreadable ({type(e).__name__}: {str(e)[:100]})"
+    if not isinstance(meta, dict):
+        return f"checkpoint.json holds a {type(meta).__name__}, not an object"
+    old = _old_layout(ckpt, meta)
+    if old:
+        return old
+    if meta.get("layout") != RUN_LAYOUT:
+        return (f"checkpoint.json: layout {str(meta.get('layout'))[:20]!r}; this version "
+                f"reads layout {RUN_LAYOUT}")
+    contents, processes = meta.get("contents"), meta.get("processes")
+    if not (isinstance(contents, dict) and type(processes) is int and processes >= 1
+            and all(_plain_name(n) and isinstance(r, dict) and type(r.get("bytes")) is int
+                    and isinstance(r.get("sha256"), str) for n, r in contents.items())):
+        return "checkpoint.json: no valid contents list or process count"
+    need = [*CHECKPOINT_FILES.values(), OPTIMIZER_FILE, *map(rng_file, range(processes))]
+    unlisted = [n for n in need if n not in contents]
+    if unlisted:
+        return f"checkpoint.json does not list {', '.join(unlisted)}"
+    for name, rec in contents.items():
+        try:
+            size = (ckpt / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} missing"
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror})"
+        if size != rec["bytes"]:
+            return f"{name} has {size} bytes, checkpoint.json records {rec['bytes']}"
+    for name, rec in contents.items() if hashes else ():
+        try:
+            if _sha256(ckpt / name) != rec["sha256"]:
+                return f"{name} differs from its recorded sha256 (damaged)"
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror})"
+    return None
+
+
+def newest_complete(run_dir: Path, hashes: bool = True
+                    ) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint of the run that `incomplete` passes, or None; the newer
+    ones it skipped, each with the reason)."""
+    skipped = []
+    for ckpt in reversed(checkpoints(run_dir)):
+        why = incomplete(ckpt, hashes)
+        if why is None:
+            return ckpt, skipped
+        skipped.append((ckpt, why))
+    return None, skipped
+
+
 def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[Path, str]:
-    """(checkpoint, format) of a run directory (its newest checkpoint), one of our
-    checkpoint directories, or a REPA-family file."""
+    """(checkpoint, format) of a run directory (its newest complete checkpoint, by the
+    sizes checkpoint.json lists), one of our checkpoint directories, or a REPA-family
+    file."""
     if fmt not in FORMATS:
         raise CheckpointError(f"checkpoint format {fmt!r}: choose one of {FORMATS}")
     p = Path(path)
@@ -135,9 +269,12 @@ def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[Path, str]:
         raise CheckpointError(f"{p} is not a file: a REPA-family checkpoint is one .pt file")
     if (p / "checkpoint.json").is_file():
         return p, "ours"
-    found = checkpoints(p)
+    found, skipped = newest_complete(p, hashes=False)   # the weights are checked on reading
     if found:
-        return found[-1], "ours"
+        return found, "ours"
+    if skipped:
+        raise CheckpointError(f"{p} has no complete checkpoint: "
+                              + "; ".join(f"{c.name}: {why}" for c, why in skipped[:3]))
     if p.is_dir() and (p / "checkpoints").is_dir():
         raise CheckpointError(f"{p} has no complete checkpoint yet (train longer, or lower "
                               "checkpoint_every)")
@@ -229,37 +366,62 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
 
 
 # ------------------------------------------------------------------------ ours
-def _file_name(files: dict, key: str, ckpt: Path) -> Path:
+def _file_name(meta: dict, files: dict, key: str, ckpt: Path) -> Path:
+    """The file files[key] of the checkpoint: a plain .safetensors name (our directories
+    hold no other weights), of the size checkpoint.json records when it lists it."""
     name = files.get(key)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+    if not _plain_name(name) or not name.endswith(".safetensors"):
         raise CheckpointError(f"{ckpt}/checkpoint.json: files.{key}={name!r} is not a plain "
-                              "file name in the checkpoint")
-    return ckpt / name
+                              ".safetensors file name in the checkpoint")
+    path = ckpt / name
+    contents = meta.get("contents")                   # train run's checkpoints list sizes
+    listed = contents.get(name) if isinstance(contents, dict) else None
+    size = path.stat().st_size if path.is_file() else None
+    if isinstance(listed, dict) and size is not None and size != listed.get("bytes"):
+        raise CheckpointError(f"{path} has {size} bytes, checkpoint.json records "
+                              f"{listed.get('bytes')}: the checkpoint is damaged (truncated?)")
+    return path
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, checked (dense, floating point, finite)."""
+    from safetensors.torch import load_file
+    if path.suffix != ".safetensors":   # never torch.load: that would unpickle
+        raise CheckpointError(f"{path}: only .safetensors files are read here")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            state = load_file(path)
-        except Exception as e:  # SafetensorError: truncated, not a safetensors file
-            raise CheckpointError(f"{path}: not a readable safetensors file "
-                                  f"({str(e)[:200]}); copy it again") from None
-    else:
-        state = _torch_load(path)
+    try:
+        state = load_file(path)
+    except Exception as e:  # SafetensorError: truncated, not a safetensors file
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({str(e)[:200]}); copy it again") from None
     return _check_tensors(state, str(path))
 
 
-def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
+def _read_meta(ckpt: Path) -> dict[str, Any]:
+    """checkpoint.json of one of our checkpoints; the earlier pickled layout is refused."""
     try:
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta = json.loads((ckpt / "checkpoint.json").read_bytes())
+    except (OSError, ValueError) as e:
+        meta = e
+    old = _old_layout(ckpt, meta if isinstance(meta, dict) else None)
+    if old:
+        raise CheckpointError(f"{ckpt}: {old}")
+    if isinstance(meta, Exception):
+        raise CheckpointError(f"{ckpt}/checkpoint.json is damaged ({type(meta).__name__}: "
+                              f"{str(meta)[:200]})")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt}/checkpoint.json holds a {type(meta).__name__}, not an "
+                              "object: the checkpoint is damaged")
+    return meta
+
+
+def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
+    meta = _read_meta(ckpt)
+    try:
         arch, files = meta["arch"], meta.get("files", CHECKPOINT_FILES)
         _check_geometry({k: meta["config"][f"model.{k}"] for k in GEOMETRY_LIMITS}, str(ckpt))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt}/checkpoint.json is damaged ({type(e).__name__}: "
                               f"{e})") from None
     if not isinstance(arch, str) or arch not in ARCHS:
@@ -270,18 +432,48 @@ def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
     ck = Checkpoint(ckpt, "ours", arch, meta,
                     available=tuple(w for w in WEIGHTS if w in files))
     if "ema" in weights and "ema" in files:
-        ck.states["ema"] = _load_tensors(_file_name(files, "ema", ckpt))
-    if "model" in weights:  # the trained student (DDP's "module." stripped), or a projector
+        ck.states["ema"] = _load_tensors(_file_name(meta, files, "ema", ckpt))
+    if "model" in weights:  # the trained student ("module.": files of the earlier layout)
         student = {}
         for key in ("model", "projector"):
             if key in files:
                 student.update({k.removeprefix("module."): v for k, v in
-                                _load_tensors(_file_name(files, key, ckpt)).items()})
+                                _load_tensors(_file_name(meta, files, key, ckpt)).items()})
         if "model" in files:
             ck.states["model"] = {k[4:]: v for k, v in student.items() if k.startswith("net.")}
         ck.projector = {k[10:]: v for k, v in student.items()
                         if k.startswith("projector.")} or None
     return ck
+
+
+@dataclass
+class RunCheckpoint:
+    """What `train run` resumes from, read with safetensors and json only."""
+    path: Path
+    meta: dict[str, Any]                 # checkpoint.json
+    student: dict[str, torch.Tensor]     # "net.*", "projector.*"
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]   # "state.<i>.<name>" (train/state.py)
+    rng: Any                             # this process's rng_N.json
+
+
+def read_run_checkpoint(ckpt: Path, process: int, processes: int) -> RunCheckpoint:
+    """The files of a run checkpoint that `incomplete` passed, for process `process` of
+    `processes` (which must be as many as wrote it)."""
+    meta = _read_meta(ckpt)
+    if meta.get("processes") != processes:
+        raise CheckpointError(f"{ckpt} was written by {meta.get('processes')} process(es) and "
+                              f"this run has {processes}: resume with "
+                              f"{meta.get('processes')} (each process has its own random and "
+                              "data-loader state)")
+    path = ckpt / rng_file(process)
+    try:
+        rng = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    return RunCheckpoint(ckpt, meta, _load_tensors(ckpt / CHECKPOINT_FILES["model"]),
+                         _load_tensors(ckpt / CHECKPOINT_FILES["ema"]),
+                         _load_tensors(ckpt / OPTIMIZER_FILE), rng)
 
 
 def write_checkpoint(out: Path, ck: Checkpoint, source: dict[str, Any]) -> Path:
@@ -324,7 +516,10 @@ def write_checkpoint(out: Path, ck: Checkpoint, source: dict[str, Any]) -> Path:
 def _torch_load(path: Path) -> Any:
     """torch.load that runs no pickled code (REPA's own scripts load with pickle)."""
     def load(**kw):
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a plain pickle (not torch.save's) draws a 3-line warning before our one-line
+            # refusal below; the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, **kw)
     try:
         try:
@@ -337,6 +532,8 @@ def _torch_load(path: Path) -> Any:
         needed = re.search(r"GLOBAL ([\w.]+)", str(e))
         if needed is None:          # no class it would need: a damaged or foreign file
             why = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+            if "Unsupported operand" in why:   # a pickle torch.save did not write
+                why = f"a plain pickle, not a torch.save file: {why}; nothing in it was run"
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({why})") from None
         raise CheckpointError(
             f"{path}: refused: rebuilding it needs the Python object {needed.group(1)}, which "

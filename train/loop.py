@@ -4,15 +4,17 @@
       config.yaml              the resolved config (a rerun must agree with it; see
                                config.RESUMABLE_CHANGES for what may change)
       metrics.jsonl            one line per log_every steps (+ the last step)
-      checkpoints/step_00010000/  model, optimizer, EMA, step, loader position and every
-                               rank's RNG states (accelerate save_state), renamed into
+      checkpoints/step_00010000/  model, EMA and optimizer (safetensors), every rank's RNG
+                               states, step and loader position (JSON): no pickle (layout:
+                               train/checkpoint.py); built as .tmp_step_N and renamed into
                                place once complete; the newest keep_checkpoints are kept
       samples.jsonl            with log_samples=true: each step's sample indices per rank
       nonfinite-step_N.json    written instead of a checkpoint when a loss turns NaN/Inf
       samples/step_N.png       EMA sample grids every preview.every steps (when set)
 
-Rerunning `train run` on the same run directory resumes from the newest checkpoint and
-continues the same trajectory (bit-exactly on CPU; GPU kernels are not deterministic).
+Rerunning `train run` on the same run directory resumes from the newest complete
+checkpoint (newer damaged ones are named in the log and moved aside) and continues the
+same trajectory (bit-exactly on CPU; GPU kernels are not deterministic).
 
 What a step computes does not depend on the number of processes, only on `data.streams`
 (default: the process count of the first start): the global batch of step s is the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import importlib.util
 import json
 import math
@@ -42,15 +45,18 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cache import open_cache
-from cache.format import INDEX, MOMENTS, atomic_write_bytes, state_sha256
+from cache.format import INDEX, MOMENTS, atomic_write_bytes, json_bytes, state_sha256
 
-from .checkpoint import CHECKPOINT_FILES, checkpoints, init_from_checkpoint
+from .checkpoint import (CHECKPOINT_FILES, OPTIMIZER_FILE, RUN_LAYOUT, CheckpointError,
+                         checkpoints, init_from_checkpoint, load_strict, newest_complete,
+                         read_run_checkpoint, rng_file, write_file)
 from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
                      load_config, model_geometry, to_yaml)
 from .data import cache_info, check_cache, make_loader
 from .models import build_model
+from .state import (load_optimizer, load_rng, load_scaler, optimizer_state, rng_state,
+                    scaler_state)
 from .step import Student, step_draws, stream_seed
-
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,11 +72,17 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+    def load_state_dict(self, state: Any, where: str) -> None:
+        if not (isinstance(state, dict) and type(state.get("step")) is int
+                and state["step"] >= 0 and isinstance(state.get("loader"), dict)):
+            raise CheckpointError(f"{where}: \"train\" is not {{step, loader}}: damaged")
         # the main process saved its own loader state; epoch and position are the same
         # on every rank, the rank is ours
-        self.loader.load_state_dict({**state["loader"], "rank": self.loader.rank})
+        try:
+            self.loader.load_state_dict({**state["loader"], "rank": self.loader.rank})
+        except (ValueError, TypeError, KeyError) as e:   # another plan, or damaged values
+            raise ConfigError(f"{where}: {e}") from None
+        self.step = state["step"]
 
 
 @torch.no_grad()
@@ -109,23 +121,137 @@ def _check_replicas(acc, net: torch.nn.Module, step: int) -> list[str]:
     return hashes
 
 
-def _save_checkpoint(acc, run_dir: Path, step: int, keep: int, meta: dict) -> Path:
+def _save_checkpoint(acc, run_dir: Path, step: int, keep: int, meta: dict, student,
+                     ema: torch.nn.Module, opt, state: TrainState) -> Path:
+    """checkpoints/step_N (layout: train/checkpoint.py): each process writes its
+    rng_N.json, the main process the weights, the optimizer and, last, checkpoint.json
+    listing every file with its size and sha256; built as .tmp_step_N, renamed once
+    complete. If a write fails on any process (a full disk), the partial directory is
+    removed, nothing older is touched, and every process raises the same CheckpointError."""
+    from accelerate.utils import broadcast_object_list, gather_object
+    from safetensors.torch import save as safetensors_bytes
+
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if final.exists():
         return final
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    main = acc.is_main_process
+    contents: dict[str, dict] = {}
+    failed: tuple[str, int | None] | None = None
+
+    def put(name: str, data: Callable[[], bytes]) -> None:
+        nonlocal failed
+        if failed is None:
+            try:
+                contents[name] = write_file(tmp / name, data())
+            except OSError as e:
+                failed = (f"{e.strerror or e} ({e.filename or tmp / name})", e.errno)
+
+    def tensors(module) -> bytes:
+        sd = module.state_dict()
+        return safetensors_bytes({k: v.detach().contiguous() for k, v in sd.items()})
+
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failed = (f"{e.strerror or e} ({e.filename or tmp})", e.errno)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        atomic_write_bytes(tmp / "checkpoint.json", json.dumps(meta, indent=1).encode())
-        os.replace(tmp, final)  # the checkpoint exists only once it is complete
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    put(rng_file(acc.process_index), lambda: json.dumps(rng_state()).encode())
+    if main:
+        opt_tensors, opt_info = optimizer_state(opt)
+        put(CHECKPOINT_FILES["model"], lambda: tensors(acc.unwrap_model(student)))
+        put(CHECKPOINT_FILES["ema"], lambda: tensors(ema))
+        put(OPTIMIZER_FILE, lambda: safetensors_bytes(opt_tensors))
+    reports = gather_object([(contents, failed)])
+    if main:
+        for theirs, error in reports:
+            contents.update(theirs)
+            failed = failed or error
+        record = {**meta, "layout": RUN_LAYOUT, "processes": acc.num_processes,
+                  "train": state.state_dict(), "optimizer": opt_info,
+                  "scaler": scaler_state(acc.scaler), "contents": dict(contents)}
+        put("checkpoint.json", lambda: json_bytes(record))   # last: the sign it is whole
+        if failed is None:
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                failed = (f"{e.strerror or e} (renaming {tmp})", e.errno)
+        if failed is None:
+            for old in checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    failed = broadcast_object_list([failed])[0]
+    if failed:
+        kept = checkpoints(run_dir)
+        prev = (f"the newest checkpoint, {kept[-1]}, is intact and a rerun resumes from it"
+                if kept else "there is no earlier checkpoint: a rerun starts from step 0")
+        fix = ("Free disk space" if failed[1] in (errno.ENOSPC, errno.EDQUOT)
+               else "Fix this")
+        raise CheckpointError(f"cannot write checkpoint {final}: {failed[0]}. Nothing was "
+                              f"lost: the partial checkpoint was removed and {prev}. {fix} "
+                              "and rerun the same command")
     return final
+
+
+def _choose_checkpoint(acc, run_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint every process resumes from: the newest complete one as the main
+    process finds it (it checks sizes and hashes once for all). Newer incomplete ones are
+    named with the reason and renamed step_N.incomplete, so that the run writes step_N
+    anew and never prunes a good checkpoint to keep a damaged one."""
+    from accelerate.utils import broadcast_object_list
+    root = run_dir / "checkpoints"
+    choice = error = None
+    if acc.is_main_process:
+        for stale in root.glob(".tmp_step_*"):   # an interrupted save: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        found, skipped = newest_complete(run_dir)
+        for ckpt, why in skipped:
+            say(f"skipping {ckpt.relative_to(run_dir)}: {why}")
+        if found is None and skipped:
+            error = (f"{root} holds no checkpoint to resume from: "
+                     + "; ".join(f"{c.name}: {why}" for c, why in skipped[:3])
+                     + ". Restore the files, or move the step_N directories out of "
+                     f"{root} to start this run over, or use a new run_dir")
+        for ckpt, _ in skipped if found else ():
+            aside = ckpt.with_name(f"{ckpt.name}.incomplete")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = ckpt.with_name(f"{ckpt.name}.incomplete{n}")
+            try:
+                os.replace(ckpt, aside)
+                say(f"moved {ckpt.name} to {aside.name}; resuming from {found.name}")
+            except OSError as e:   # resuming with it in place would save over it later
+                error = (f"cannot rename the incomplete {ckpt} to {aside.name} "
+                         f"({e.strerror}); move it out of {root} and rerun")
+                break
+        choice = found.name if found else None
+    choice, error = broadcast_object_list([choice, error])
+    if error:
+        raise CheckpointError(error)
+    found = checkpoints(run_dir)
+    mine = found[-1].name if found else None
+    if mine != choice:
+        raise ConfigError(f"process {acc.process_index} sees checkpoint {mine} in {run_dir}, "
+                          f"the main process {choice}: run_dir must be on a filesystem "
+                          "shared by every node")
+    return root / choice if choice else None
+
+
+def _resume(acc, ckpt: Path, student, ema: torch.nn.Module, opt, state: TrainState) -> None:
+    """Load a checkpoint `_choose_checkpoint` chose into the modules, the optimizer, the
+    scaler, the loader and this process's generators (safetensors and json only)."""
+    saved = read_run_checkpoint(ckpt, acc.process_index, acc.num_processes)
+    load_strict(acc.unwrap_model(student), saved.student,
+                f"{ckpt / CHECKPOINT_FILES['model']}")
+    load_strict(ema, saved.ema, f"{ckpt / CHECKPOINT_FILES['ema']}")
+    load_optimizer(opt, saved.optimizer, saved.meta.get("optimizer"), f"{ckpt / OPTIMIZER_FILE}")
+    load_scaler(acc.scaler, saved.meta.get("scaler"), f"{ckpt}/checkpoint.json")
+    state.load_state_dict(saved.meta.get("train"), f"{ckpt}/checkpoint.json")
+    load_rng(saved.rng, f"{ckpt / rng_file(acc.process_index)}")
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -146,7 +272,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.run_dir).absolute()
@@ -202,7 +328,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     ema.to(acc.device)
     loader = make_loader(ds, cfg, rank=acc.process_index, world_size=world)
     state = TrainState(loader)
-    acc.register_for_checkpointing(ema, state)   # order fixes CHECKPOINT_FILES["ema"]
 
     preview = None
     if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
@@ -218,24 +343,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         preview = preview if main else None
 
     set_seed(cfg.seed + acc.process_index)  # the steps' draws use their own generators
-    found = checkpoints(run_dir)
-    if main:  # an interrupted save leaves a .tmp directory: never a checkpoint
-        for stale in (run_dir / "checkpoints").glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    # every rank must resume from the same checkpoint: the main process decides
-    choice = broadcast_object_list([found[-1].name if found else None])[0]
-    mine = found[-1].name if found else None
-    if mine != choice:
-        raise ConfigError(f"process {acc.process_index} sees checkpoint {mine} in {run_dir}, "
-                          f"the main process {choice}: run_dir must be on a filesystem "
-                          "shared by every node")
-    if choice:
-        ckpt = run_dir / "checkpoints" / choice
-        rng = ckpt / f"random_states_{acc.process_index}.pkl"
-        if not rng.exists():  # accelerate would go on without restoring the RNG
-            raise ConfigError(f"{ckpt} has no RNG state for process {acc.process_index}: it "
-                              "was written by fewer processes; resume with the same number")
-        acc.load_state(str(ckpt))
+    ckpt = _choose_checkpoint(acc, run_dir, say)   # the same on every rank
+    if ckpt:
+        _resume(acc, ckpt, student, ema, opt, state)
         say(f"resumed from {ckpt} (step {state.step})")
     metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     if main:
@@ -327,7 +437,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
             replicas = _check_replicas(acc, inner, state.step)
             path = _save_checkpoint(acc, run_dir, state.step, cfg.keep_checkpoints,
                                     {**meta, "step": state.step,
-                                     "weights_sha256_per_process": replicas})
+                                     "weights_sha256_per_process": replicas},
+                                    student, ema, opt, state)
             if main:
                 (bar.write if cfg.progress else log)(f"checkpoint {path}")
     bar.close()
