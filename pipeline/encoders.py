@@ -15,6 +15,8 @@ antialias, as timm's loader and REPA do); outputs are the final-norm patch token
 from __future__ import annotations
 
 import contextlib
+import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,20 +137,65 @@ def build_vae(vae: str = DEFAULT_VAE, *, random_weights: bool = False,
             "test") from e
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+TEACHER_FORMATS = ("an official dinov2_*_pretrain.pth, a DINOv2 training checkpoint or timm "
+                   "weights: a torch.save state dict (.pth/.pt, read as tensors only) or "
+                   ".safetensors")
+
+
+def _load_tensors(path: Path) -> Any:
+    """torch.load / safetensors of a user's file that runs no pickled code: weights_only
+    rebuilds tensors and plain containers, and refuses (never runs) anything else."""
+    where = f"--teacher-weights {path}"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError: all mean "not this format"
+            raise WeightsError(f"{where}: not a readable .safetensors file "
+                               f"({type(e).__name__}: {_first_line(e)[:200]}); expected "
+                               f"{TEACHER_FORMATS}") from None
+    try:
+        with warnings.catch_warnings():
+            # a plain pickle draws a 3-line warning before the one-line refusal below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+        why = (f"it needs the Python object {needed.group(1)}" if needed
+               else "a plain pickle.dump file" if "Unsupported operand" in detail else detail)
+        raise WeightsError(f"{where}: refused: a pickle that is not a torch.save file of "
+                           f"tensors ({why}); nothing in it was run. Expected "
+                           f"{TEACHER_FORMATS}") from None
+    except Exception as e:  # truncated, an .npz, text, ...: torch raises many types
+        raise WeightsError(f"{where}: not a readable torch.save file ({type(e).__name__}: "
+                           f"{_first_line(e)[:200]}); expected {TEACHER_FORMATS}") from None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The teacher's tensors by name: the file's state dict, unwrapped from a DINOv2
+    training checkpoint ("teacher": backbone.*) or a {"model"/"state_dict": ...} wrapper."""
+    sd = _load_tensors(path)
+    where = f"--teacher-weights {path}"
     if isinstance(sd, dict) and "teacher" in sd:   # a DINOv2 training checkpoint
+        if not isinstance(sd["teacher"], dict):
+            raise WeightsError(f"{where}: 'teacher' is a {type(sd['teacher']).__name__}, not "
+                               "a state dict")
         sd = {k.removeprefix("backbone."): v for k, v in sd["teacher"].items()
-              if k.startswith("backbone.")}
+              if isinstance(k, str) and k.startswith("backbone.")}
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict):
-        raise WeightsError(f"{path}: not a state dict (found {type(sd).__name__})")
+        raise WeightsError(f"{where}: not a state dict (found {type(sd).__name__}); expected "
+                           f"{TEACHER_FORMATS}")
+    bad = [k for k, v in sd.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise WeightsError(f"{where}: not a state dict of tensors ({len(bad)} entries are "
+                           f"not, e.g. {bad[0]!r}: {type(sd[bad[0]]).__name__}); expected "
+                           f"{TEACHER_FORMATS}")
+    if not sd:
+        raise WeightsError(f"{where}: holds no teacher weights; expected {TEACHER_FORMATS}")
     return sd
 
 
@@ -156,30 +203,28 @@ def load_teacher_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load official DINOv2 `.pth` checkpoints (dinov2_vitb14_pretrain.pth and the reg4
     ones) or timm-format weights (.pth/.safetensors) into a timm model: timm's filter
     converts the official keys (register tokens, SwiGLU w12/w3) and resamples the
-    positional embedding to the model's grid."""
+    positional embedding to the model's grid. Raises WeightsError (one line)."""
     from timm.models.vision_transformer import checkpoint_filter_fn
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--teacher-weights {path}: no such file")
     hint = "is it the right size (s/b/l/g) and variant (with/without registers)?"
-    try:
-        sd = _read_state_dict(path)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise WeightsError(f"--teacher-weights {path}: unreadable checkpoint ({e})") from e
+    sd = _read_state_dict(path)
     try:
         sd = checkpoint_filter_fn(sd, model)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise WeightsError(f"--teacher-weights {path} does not fit this teacher ({e}); "
-                           f"{hint}") from e
+    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
+        raise WeightsError(f"--teacher-weights {path} does not fit this teacher "
+                           f"({type(e).__name__}: {_first_line(e)[:200]}); {hint}") from None
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     own = model.state_dict()
-    wrong = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    wrong = [k for k, v in sd.items() if k in own and (
+        v.shape != own[k].shape or v.is_floating_point() != own[k].is_floating_point())]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected or wrong:
         raise WeightsError(f"--teacher-weights {path} does not fit this teacher: missing "
-                           f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shapes "
-                           f"{wrong[:4]}; {hint}")
+                           f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shapes or "
+                           f"dtypes {wrong[:4]}; {hint}")
     model.load_state_dict(sd)
 
 

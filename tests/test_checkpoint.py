@@ -337,8 +337,11 @@ def test_init_from_starts_a_run_from_any_checkpoint(sit_run, tmp_path, capsys):
     assert not any(m.startswith("initialised from") for m in logs)
     assert any("resumed from" in m for m in logs)
     capsys.readouterr()
-    assert train_main(["run", "configs/repa-b.yaml", *over, "--dry-run"]) == 0
+    assert train_main(["run", str(tmp_path / "ft" / "config.yaml"), "--dry-run"]) == 0
     assert "model.init_from is not used" in capsys.readouterr().out     # a resume
+    # another recipe on that run_dir: --dry-run refuses it as the run would
+    assert train_main(["run", "configs/repa-b.yaml", *over, "--dry-run"]) == 2
+    assert "holds a run with another config" in capsys.readouterr().err
     assert train_main(["run", "configs/repa-b.yaml", *over, f"run_dir={tmp_path / 'new'}",
                        f"model.init_from={tmp_path / 'none.pt'}", "--dry-run"]) == 2
     assert "neither a run directory nor a checkpoint" in capsys.readouterr().err

@@ -101,37 +101,56 @@ def _sample_parser(sub) -> None:
                    help="PNGs only (no samples.npz)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from cache import CacheError, open_cache
+def _error(e: object) -> None:
+    """A refusal as one line on stderr; the exit code says which kind (see the top)."""
+    print(f"error: {e}", file=sys.stderr)
 
-    from .checkpoint import CheckpointError, check_init, checkpoints
-    from .config import ConfigError, load_config, model_geometry
+
+def dry_run(cfg) -> None:
+    """What `train run` checks before its first step, for the processes this launch
+    starts (WORLD_SIZE under torchrun / accelerate launch, else 1); prints the plan."""
+    from cache import open_cache
+
+    from .checkpoint import check_init, checkpoints
+    from .config import check_start, model_geometry, process_count
     from .data import check_cache
+
+    world = process_count()
+    micro, accum = check_start(cfg, world)
+    check = check_cache(open_cache(cfg.data.cache, backend=cfg.data.backend), cfg)
+    for w in check.warnings:
+        print(f"WARNING: {w}")
+    print(check.summary)
+    if cfg.model.init_from and checkpoints(cfg.run_dir):
+        print(f"would resume {cfg.run_dir}: model.init_from is not used")
+    elif cfg.model.init_from:
+        ck = check_init(cfg.model.init_from, cfg.model.arch, **model_geometry(cfg))
+        print(f"would start from {ck.path} ({ck.format} checkpoint, step {ck.step}; "
+              f"weights: {', '.join(sorted(ck.states))})")
+    print(f"would train {cfg.model.arch} (align {cfg.align.method}) for "
+          f"{cfg.max_steps:,} steps of {cfg.batch_size} = {world} process(es) x {micro} x "
+          f"{accum} accumulation, {cfg.data.streams} data streams, into {cfg.run_dir}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cache import CacheError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
     from .loop import NonFiniteLoss, train
     from .vae import DecoderError
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            check = check_cache(open_cache(cfg.data.cache, backend=cfg.data.backend), cfg)
-            for w in check.warnings:
-                print(f"WARNING: {w}")
-            print(check.summary)
-            if cfg.model.init_from and checkpoints(cfg.run_dir):
-                print(f"would resume {cfg.run_dir}: model.init_from is not used")
-            elif cfg.model.init_from:
-                ck = check_init(cfg.model.init_from, cfg.model.arch, **model_geometry(cfg))
-                print(f"would start from {ck.path} ({ck.format} checkpoint, step {ck.step}; "
-                      f"weights: {', '.join(sorted(ck.states))})")
-            print(f"would train {cfg.model.arch} (align {cfg.align.method}) for "
-                  f"{cfg.max_steps:,} steps of {cfg.batch_size} into {cfg.run_dir}")
+            dry_run(cfg)
             return 0
         last = train(cfg)
     except (ConfigError, CacheError, DecoderError, CheckpointError) as e:
-        print(f"train run: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except NonFiniteLoss as e:
-        print(f"train run: {e}", file=sys.stderr)
+        _error(e)
         return 3
     if last:
         print("done: step {step}, loss {loss:.4f}, {img_per_s:.1f} img/s".format(**last))
@@ -178,17 +197,29 @@ def convert(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalError, evaluate_npz
+    out = Path(args.out) if args.out else None
     try:
+        if out:   # found now, not after an hour of Inception (missing folders are made)
+            if out.is_dir():
+                raise EvalError(f"--out {out} is a directory; give a file, e.g. "
+                                f"{out / 'fid.json'}")
+            above = next((d for d in out.parents if d.exists()), None)
+            if above is not None and not above.is_dir():
+                raise EvalError(f"--out {out}: {above} is a file, not a folder")
         res = evaluate_npz(args.samples, args.ref, inception=args.inception,
                            random_weights=args.random_weights, batch_size=args.batch_size)
     except EvalError as e:
-        print(f"train eval: {e}", file=sys.stderr)
+        _error(e)
         return 2
     for k, v in res.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-    if args.out:
+    if out:
         from cache.format import atomic_write_json
-        atomic_write_json(Path(args.out), res)
+        try:
+            atomic_write_json(out, res)
+        except OSError as e:
+            _error(f"--out {out}: cannot write it ({e.strerror or e}); the results are above")
+            return 2
     return 0
 
 
@@ -197,7 +228,7 @@ def plot(args: argparse.Namespace) -> int:
     try:
         path = plot_run(args.run_dir, args.out)
     except PlotError as e:
-        print(f"train plot: {e}", file=sys.stderr)
+        _error(e)
         return 2
     print(path)
     return 0

@@ -11,13 +11,17 @@ Defaults are the U-REPA / REPA recipe (methods.md sections 3-4).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import io
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .models import ARCHS
@@ -256,37 +260,177 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {key}: {msg}")
 
 
+def _yaml_error(source: str | Path, e: Exception, where_in_file: bool = True) -> ConfigError:
+    """One line for a YAML error (PyYAML's own text spans four lines)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = (e.problem_mark or e.context_mark) if where_in_file else None
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = e.problem or e.context or type(e).__name__
+        if e.problem and e.context:
+            what += f" ({e.context})"
+        return ConfigError(f"{source}: not valid YAML{where}: {what}")
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return ConfigError(f"{source}: not valid YAML: {first}")
+
+
+def _read_yaml(p: Path) -> DictConfig | None:
+    """The mapping a config file holds, or None for an empty file. Raises ConfigError."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass a YAML file (presets are "
+                          "in configs/)")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found (presets are in configs/)")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read it ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); "
+                          "save the config as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)   # the shape, nothing built
+        if root is None or root.tag == "tag:yaml.org,2002:null":
+            return None
+        if not isinstance(root, yaml.MappingNode):
+            what = ("a list" if isinstance(root, yaml.SequenceNode)
+                    else f"the single value {root.value!r}")
+            raise ConfigError(f"{p}: the top level is {what}; a config is a mapping of keys "
+                              "(run_dir: ..., data: {cache: ...}, optim: {lr: ...}), as in "
+                              "configs/*.yaml")
+        return OmegaConf.load(io.StringIO(text))   # OmegaConf's loader: 1e-4 is a float
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+    except OmegaConfBaseException as e:   # e.g. an unclosed ${...}
+        raise _explain(e, str(p)) from None
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default(node: type, key: str) -> Any:
+    f = next(f for f in dataclasses.fields(node) if f.name == key)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _check_shapes(data: dict, node: type, prefix: str, source: str) -> None:
+    """Sections must be mappings, lists lists and values single values: OmegaConf's own
+    messages for these are a traceback (a mapping onto a list) or its internal names."""
+    hints = typing.get_type_hints(node)
+    for key, value in data.items():
+        hint, name = hints.get(key), f"{prefix}{key}"
+        if hint is None or (isinstance(value, str) and value.startswith("${")):
+            continue  # unknown keys: OmegaConf names the valid ones; interpolations resolve later
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name}={value!r}: expected a mapping of the keys "
+                                  + ", ".join(f"{name}.{k}" for k in _valid_keys(hint)))
+            _check_shapes(value, hint, name + ".", source)
+        elif typing.get_origin(hint) is list:
+            if not isinstance(value, list) or any(isinstance(v, (dict, list)) for v in value):
+                example = _default(node, key)
+                raise ConfigError(f"{source}: {name}={value!r}: expected a list of "
+                                  f"{_type_name(typing.get_args(hint)[0])}s"
+                                  + (f", e.g. {example}" if example else ""))
+        elif isinstance(value, (dict, list)):
+            kind = "mapping" if isinstance(value, dict) else "list"
+            raise ConfigError(f"{source}: {name}={value!r}: expected a single "
+                              f"{_type_name(hint)}, not a {kind}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
                 ) -> TrainConfig:
     """Schema <- YAML preset <- `key=value` overrides, validated. Raises ConfigError."""
     schema = OmegaConf.structured(TrainConfig)
-    layers = []
+    layers, empty = [], None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found (presets are in configs/)")
-        try:
-            layers.append((str(p), OmegaConf.load(p)))
-        except Exception as e:  # yaml.YAMLError and friends: name the file
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    bad = [o for o in overrides if "=" not in o]
+        layer = _read_yaml(Path(path))
+        if layer is None:
+            empty = Path(path)
+        else:
+            layers.append((str(path), layer))
+    bad = [o for o in overrides if "=" not in o or not o.partition("=")[0].strip()]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
+    for o in overrides:   # one at a time, so that an error names the override
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.YAMLError as e:
+            raise _yaml_error(f"override {o!r}", e, where_in_file=False) from None
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {o!r}") from None
     layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
     cfg = schema
     for source, layer in layers:
         try:
+            _check_shapes(OmegaConf.to_container(layer, resolve=False), TrainConfig, "", source)
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise _explain(e, source) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"required key(s) not set: {', '.join(missing)} "
-                          "(set them in the YAML or as key=value)")
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"required key(s) not set: {', '.join(missing)} "
+                              + (f"({empty} is empty; " if empty else "(")
+                              + "set them in the YAML or as key=value)")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from None
+
+
+def process_count() -> int:
+    """The processes a launch starts: WORLD_SIZE (set by torchrun and accelerate launch
+    for every process), else 1 (a plain `train run`)."""
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"WORLD_SIZE={text!r} (from the launcher's environment) is not a "
+                          "process count >= 1; unset it for a single process")
+    return int(text)
+
+
+def check_start(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """Every check of a run's start that needs only the config, the run directory and the
+    process count (train() and `train run --dry-run` both call it): data.streams resolved
+    (a resumed run keeps the streams it started with, else one per process), the batch
+    split over the processes, tensorboard installed when asked for, and a resume that
+    would not mix two recipes. Returns (micro batch per process, accumulation steps).
+    Raises ConfigError."""
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not cfg.data.streams and saved.exists():
+        cfg.data.streams = load_config(saved).data.streams
+    cfg.data.streams = cfg.data.streams or world_size
+    micro_accum = cfg.accumulation(world_size)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=true needs the tensorboard package: "
+                          "pip install tensorboard (or set tensorboard=false)")
+    check_resume(cfg)
+    return micro_accum
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """A run directory with checkpoints resumes only the recipe it holds: the saved
+    config.yaml may differ from this one in RESUMABLE_CHANGES only."""
+    from .checkpoint import checkpoints   # models and torch: only when there is a run
+    run_dir = Path(cfg.run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = load_config(saved_path)
+    diff = [k for k in changed_keys(saved, cfg) if k not in RESUMABLE_CHANGES]
+    if diff and checkpoints(run_dir):
+        a, b = flatten(saved), flatten(cfg)
+        raise ConfigError(
+            f"{run_dir} holds a run with another config; resuming would mix two runs:\n  "
+            + "\n  ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}" for k in diff)
+            + "\nUse a new run_dir, or restore these values.")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

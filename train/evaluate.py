@@ -17,8 +17,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .fid import frechet_distance, gaussian_stats, inception_score, precision_recall
+from .fid import (frechet_distance, gaussian_stats, inception_score, precision_recall,
+                  reference_stats)
 from .inception import FIDInception, InceptionWeightsError
+
+
+FEATURES = 2048   # Inception pool_3: the width of every reference batch's mu and sigma
+K = 3             # precision/recall's neighbour (ADM): more than K images on each side
 
 
 class EvalError(ValueError):
@@ -30,23 +35,50 @@ def npz_keys(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as zf:
             return [n.removesuffix(".npy") for n in zf.namelist()]
     except (OSError, zipfile.BadZipFile) as e:
-        raise EvalError(f"{path}: not a readable .npz ({e})") from e
+        raise EvalError(f"{path}: not a readable .npz ({e}); expected an .npz written by "
+                        "numpy.savez (train sample writes one)") from e
+
+
+def _read_header(f, path: Path, key: str) -> tuple[int, ...]:
+    """The shape of the .npy member `f` after checking it holds C-order uint8 images
+    [N >= 1, H >= 1, W >= 1, 3]; `f` is left at the first data byte."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        read_header = readers.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            raise ValueError("an .npy format version other than 1.0 and 2.0")
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise EvalError(f"{path}: {key} is not a readable .npy array ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran
+            or min(shape[1:3], default=0) < 1):
+        raise EvalError(f"{path}: {key} is {dtype} {shape}; expected uint8 images "
+                        "[N, H, W, 3] (the ADM layout)")
+    if shape[0] == 0:
+        raise EvalError(f"{path}: {key} holds no images")
+    return shape
+
+
+def image_count(path: Path, key: str = "arr_0") -> int:
+    """N of the images [N, H, W, 3] in `key`, checked from the header alone."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        return _read_header(f, path, key)[0]
 
 
 def iter_images(path: Path, batch: int, key: str = "arr_0") -> Iterator[np.ndarray]:
     """uint8 [b, H, W, 3] batches of an .npz array, read straight from the zip member."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise EvalError(f"{path}: {key} is {dtype} {shape}; expected uint8 images "
-                            "[N, H, W, 3] (the ADM layout)")
+        shape = _read_header(f, path, key)
         row = int(np.prod(shape[1:]))
         for start in range(0, shape[0], batch):
             n = min(batch, shape[0] - start)
-            data = f.read(n * row)
+            try:
+                data = f.read(n * row)
+            except (OSError, EOFError, zipfile.BadZipFile) as e:   # a damaged member
+                raise EvalError(f"{path}: {key} is damaged at image {start} "
+                                f"({type(e).__name__}: {e})") from None
             if len(data) != n * row:
                 raise EvalError(f"{path}: {key} is truncated at image {start}")
             yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
@@ -60,24 +92,49 @@ def features(model: FIDInception, path: Path, batch: int,
         p, lg = model(torch.from_numpy(images.copy()).to(device))
         pools.append(p.double().cpu().numpy())
         logits.append(lg.double().cpu().numpy())
-    if not pools:
-        raise EvalError(f"{path}: arr_0 holds no images")
     return np.concatenate(pools), np.concatenate(logits)
+
+
+def _check_file(p: Path, what: str) -> None:
+    if p.is_dir():
+        raise EvalError(f"{what} {p} is a directory; expected an .npz file")
+    if not p.is_file():
+        raise EvalError(f"{what} {p} not found")
 
 
 def evaluate_npz(samples: str | Path, ref: str | Path, *, inception: str | None = None,
                  random_weights: bool = False, batch_size: int = 100,
                  device: str | None = None, log=print) -> dict[str, Any]:
+    """Every input is checked (names, shapes, dtypes, counts, the reference statistics)
+    before the Inception network runs: a bad reference fails in seconds, not after 50K
+    samples."""
     samples, ref = Path(samples), Path(ref)
-    for p in (samples, ref):
-        if not p.is_file():
-            raise EvalError(f"{p} not found")
+    if batch_size < 1:
+        raise EvalError(f"--batch-size {batch_size}: must be >= 1")
+    _check_file(samples, "samples")
+    _check_file(ref, "reference")
     s_keys, r_keys = npz_keys(samples), npz_keys(ref)
     if "arr_0" not in s_keys:
         raise EvalError(f"{samples} has no arr_0 (it has {s_keys}); `train sample` writes it")
     has_stats = {"mu", "sigma"} <= set(r_keys)
     if not has_stats and "arr_0" not in r_keys:
-        raise EvalError(f"{ref} has neither mu/sigma nor arr_0 images (it has {r_keys})")
+        raise EvalError(f"{ref} has neither mu/sigma nor arr_0 images (it has {r_keys}); "
+                        "expected an ADM reference batch (mu, sigma[, arr_0]) or images")
+    n_samples = image_count(samples)
+    n_ref = image_count(ref) if "arr_0" in r_keys else None
+    # precision/recall (whenever the reference has images) need more than K images on
+    # each side; FID's covariance needs 2
+    need, why = ((K + 1, f"precision/recall (k={K}) need at least {K + 1}") if n_ref
+                 else (2, "FID's covariance needs at least 2"))
+    for p, n in ((samples, n_samples), (ref, n_ref)):
+        if n is not None and n < need:
+            raise EvalError(f"{p}: arr_0 holds {n} image(s); {why}")
+    mu_r = sigma_r = None
+    if has_stats:
+        try:
+            mu_r, sigma_r = reference_stats(ref, dim=FEATURES)
+        except (ValueError, FileNotFoundError) as e:
+            raise EvalError(str(e)) from None
     try:
         model = FIDInception(inception, random_weights=random_weights)
     except InceptionWeightsError as e:
@@ -91,19 +148,14 @@ def evaluate_npz(samples: str | Path, ref: str | Path, *, inception: str | None 
 
     pool, logits = features(model, samples, batch_size, dev)
     res: dict[str, Any] = {"samples": len(pool), "inception": model.source}
-    ref_pool = features(model, ref, batch_size, dev)[0] if "arr_0" in r_keys else None
+    ref_pool = features(model, ref, batch_size, dev)[0] if n_ref is not None else None
     if has_stats:
-        with np.load(ref) as z:
-            mu_r, sigma_r = z["mu"], z["sigma"]
         res["reference"] = f"{ref.name} (mu, sigma)"
     else:
         mu_r, sigma_r = gaussian_stats(ref_pool)
         res["reference"] = f"{ref.name} ({len(ref_pool)} images)"
-    if mu_r.shape != (pool.shape[1],):
-        raise EvalError(f"{ref}: mu has shape {mu_r.shape}, not ({pool.shape[1]},): not "
-                        "Inception pool_3 statistics")
     res["fid"] = frechet_distance(*gaussian_stats(pool), mu_r, sigma_r)
     res["inception_score"] = inception_score(logits)
     if ref_pool is not None:
-        res["precision"], res["recall"] = precision_recall(ref_pool, pool)
+        res["precision"], res["recall"] = precision_recall(ref_pool, pool, k=K)
     return res

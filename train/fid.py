@@ -14,6 +14,7 @@ no complex parts to discard, unlike a general matrix square root.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +47,58 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return max(float(fid), 0.0)  # >= 0; rounding can leave -1e-12 for identical inputs
 
 
-def reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """`mu`, `sigma` of an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)."""
+def _read_array(z, p: Path, key: str, want: str) -> np.ndarray:
+    """z[key] of an open .npz, never unpickled: object arrays are refused."""
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise ValueError(f"{p}: {key} is an array of pickled Python objects (refused: "
+                             f"loading it could run code); expected {want}") from None
+        raise ValueError(f"{p}: {key} is unreadable ({e}); expected {want}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:   # a damaged member
+        raise ValueError(f"{p}: {key} is unreadable ({type(e).__name__}: {e}); expected "
+                         f"{want}") from None
+
+
+def reference_stats(path: str | Path, dim: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """`mu` [D], `sigma` [D, D] of an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled
+    .npz: D = 2048, Inception pool_3), finite floats, each checked before use (D = `dim`
+    when given). Raises FileNotFoundError or ValueError naming the file and the key."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
             f"reference batch {p} not found; the ADM suite's ImageNet 256 batch is "
             "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations")
-    with np.load(p) as z:
+    n = dim or "D"
+    want = {"mu": f"float [{n}]", "sigma": f"float [{n}, {n}]"}
+    try:
+        z = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{p}: not a readable .npz ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}); expected an ADM reference "
+                         "batch with mu and sigma") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):   # np.load also reads .npy and pickles
+        raise ValueError(f"{p}: a single .npy array, not an .npz; expected an ADM reference "
+                         "batch with mu and sigma")
+    with z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
             raise ValueError(f"{p} has no {missing} (it has {z.files}); pass a reference "
                              "batch with Inception statistics, or images to compute them")
-        return z["mu"], z["sigma"]
+        mu, sigma = (_read_array(z, p, k, want[k]) for k in ("mu", "sigma"))
+    d = dim or (mu.shape[0] if mu.ndim == 1 else None)   # sigma is checked against mu
+    want["sigma"] = f"float [{d or 'D'}, {d or 'D'}]"
+    for key, a, shape in (("mu", mu, (d,)), ("sigma", sigma, (d, d))):
+        if a.dtype.kind != "f" or a.shape != shape:
+            raise ValueError(f"{p}: {key} is {a.dtype} {list(a.shape)}; expected {want[key]}"
+                             + (" (Inception pool_3 statistics)" if dim else ""))
+    for key, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{p}: {key} holds {int((~np.isfinite(a)).sum())} NaN/Inf "
+                             "values; expected finite statistics")
+    return mu, sigma
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:

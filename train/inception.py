@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +40,8 @@ _LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2
 
 
 class InceptionWeightsError(RuntimeError):
-    """The FID Inception weights are not here; the message says how to provide them."""
+    """The FID Inception weights are not here or not these; the message says how to
+    provide them."""
 
 
 class _TFPooling:
@@ -88,11 +92,64 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+        if c.is_dir():
+            raise InceptionWeightsError(f"FID Inception weights: {c} is a directory; expected "
+                                        f"the file {WEIGHTS_NAME} ({WEIGHTS_URL})")
     raise InceptionWeightsError(
         f"FID Inception weights not found (looked at {', '.join(map(str, candidates))}). "
         f"Download {WEIGHTS_URL} where there is network and pass --inception PATH or set "
         f"{WEIGHTS_ENV}; --random-weights runs the evaluation with random init (smoke "
         "tests only)")
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The port's state dict from `path`, every name, shape and dtype checked against
+    `expected` (the network's own state dict). torch.load(weights_only=True) rebuilds
+    tensors and plain containers only: any other pickled object is refused, never run.
+    Raises InceptionWeightsError (one line naming the file)."""
+    want = (f"expected {WEIGHTS_NAME}: a torch.save state dict of the Inception3 port's "
+            f"{len(expected)} tensors ({WEIGHTS_URL})")
+    try:
+        with warnings.catch_warnings():
+            # a plain pickle draws a 3-line warning before the one-line refusal below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+        why = (f"it needs the Python object {needed.group(1)}" if needed
+               else "a plain pickle.dump file" if "Unsupported operand" in detail else detail)
+        raise InceptionWeightsError(f"{path}: refused: a pickle that is not a torch.save "
+                                    f"file of tensors ({why}); nothing in it was run; "
+                                    f"{want}") from None
+    except Exception as e:  # truncated, an .npz, text, ...: torch raises many types
+        raise InceptionWeightsError(f"{path}: not a readable torch.save file "
+                                    f"({_first_line(e)}); {want}") from None
+    if not isinstance(sd, dict):
+        raise InceptionWeightsError(f"{path}: holds a {type(sd).__name__}, not a state dict; "
+                                    f"{want}")
+    for k in expected:   # older torch.save files have no BatchNorm counters (unused here)
+        if k.endswith(".num_batches_tracked") and k not in sd:
+            sd[k] = expected[k]
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise InceptionWeightsError(
+            f"{path}: not the Inception port's keys: {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {[str(k) for k in unexpected[:3]]}; {want}")
+    for k, ref in expected.items():
+        v = sd[k]
+        if not (torch.is_tensor(v) and v.shape == ref.shape
+                and v.is_floating_point() == ref.is_floating_point()):
+            got = (f"{v.dtype} {list(v.shape)}" if torch.is_tensor(v)
+                   else f"a {type(v).__name__}")
+            raise InceptionWeightsError(f"{path}: {k} is {got}, expected {ref.dtype} "
+                                        f"{list(ref.shape)}; {want}")
+    return sd
 
 
 class FIDInception(nn.Module):
@@ -113,7 +170,7 @@ class FIDInception(nn.Module):
         self.source, self.warning = "random init", None
         if not random_weights:
             path = find_weights(weights)
-            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.net.load_state_dict(read_weights(path, self.net.state_dict()))
             self.source = str(path)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if not digest.startswith(WEIGHTS_NAME.rsplit("-", 1)[1].split(".")[0]):
