@@ -190,3 +190,31 @@ def test_a_damaged_marker_is_one_line_for_the_loader(make_cache):
     with pytest.raises(DamagedCacheError, match="shard-000003.tar: its done marker holds no valid"):
         _all_batches(path)
     assert np.isfinite(open_cache(path)[0]["moments"]).all()  # other shards still read
+
+
+# ------------------------------------------------------------------ the training path (item 4)
+def test_train_run_stops_at_damaged_bytes_in_one_line(tmp_path, capsys):
+    from cache import CacheSpec
+    from conftest import tiny_run_config, write_structured_cache
+    from train.cli import main as train_main
+    from train.config import to_yaml
+
+    spec = CacheSpec(num_samples=96, shard_size=32, latent_size=8, tokens=16, token_dim=32)
+    cache = write_structured_cache(tmp_path / "c", spec)
+    f = cache / "zarr" / "moments" / "c" / "1" / "0" / "0" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[300] ^= 0x01  # one bit of one latent value: an fp16 that still looks plausible
+    f.write_bytes(bytes(data))
+
+    def run(name, *extra):
+        cfg = tiny_run_config(cache, tmp_path / name, "batch_size=16", "max_steps=6",
+                              "data.shuffle_buffer=32", *extra)  # 6 steps: every sample
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(to_yaml(cfg))
+        return train_main(["run", str(path)])
+
+    assert run("checked") == 2
+    line = _one_error_line(capsys)
+    assert "zarr/moments/c/1/0/0/0/0" in line and "pipeline verify" in line
+    assert not list((tmp_path / "checked" / "checkpoints").glob("step_*"))
+    assert run("unchecked", "data.verify_reads=false") == 0  # the explicit way out

@@ -106,6 +106,9 @@ class DataConfig:
     #                                  count that divides batch_size. The same streams give
     #                                  the same global batches and draws on 1 or N processes
     resolution: Optional[int] = None  # when set, must match the cache's image resolution
+    verify_reads: bool = True        # check each chunk read against its recorded CRC32C:
+    #                                  damage stops the run naming the file (costs a few %
+    #                                  of loader throughput, docs/performance.md)
 
     def __post_init__(self) -> None:
         if self.view not in ("random", "first"):
@@ -228,7 +231,7 @@ def model_geometry(cfg: TrainConfig) -> dict[str, int]:
 RESUMABLE_CHANGES = {
     "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
     "tensorboard", "progress", "log_samples", "data.cache", "data.num_workers",
-    "data.backend",
+    "data.backend", "data.verify_reads",
     "model.checkpointing",  # recomputes the same values; compile changes numerics
     *(f"preview.{f.name}" for f in dataclasses.fields(PreviewConfig)),  # read-only of the run
 }

@@ -95,5 +95,6 @@ def make_loader(ds: CacheDataset, cfg: TrainConfig, *, rank: int, world_size: in
     return CacheLoader(ds, LoaderConfig(
         batch_size=cfg.batch_size // world_size, fields=fields, seed=cfg.seed,
         block_size=cfg.data.block_size, shuffle_buffer=window * (streams // world_size),
-        view=cfg.data.view, num_workers=cfg.data.num_workers, backend=cfg.data.backend),
+        view=cfg.data.view, num_workers=cfg.data.num_workers, backend=cfg.data.backend,
+        verify=cfg.data.verify_reads),
         rank=rank, world_size=world_size, streams=streams)
