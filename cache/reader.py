@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, DamagedCacheError,
-                     FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards,
-                     latent_channel_stats, read_done_marker, read_manifest)
+from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, FailedSampleError,
+                     IncompleteCacheError, dataset_sha256, done_shards, latent_channel_stats,
+                     read_done_marker, read_manifest)
 from .markers import check_marker, expected_files, file_digest, load_marker
 from .quant import dequantize_tokens
 from .store import Store

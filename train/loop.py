@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -50,8 +49,7 @@ from cache.format import INDEX, MOMENTS, atomic_write_bytes, json_bytes, state_s
 from .checkpoint import (CHECKPOINT_FILES, OPTIMIZER_FILE, RUN_LAYOUT, CheckpointError,
                          checkpoints, init_from_checkpoint, load_strict, newest_complete,
                          read_run_checkpoint, rng_file, write_file)
-from .config import (RESUMABLE_CHANGES, ConfigError, TrainConfig, changed_keys, flatten,
-                     load_config, model_geometry, to_yaml)
+from .config import ConfigError, TrainConfig, check_start, flatten, model_geometry, to_yaml
 from .data import cache_info, check_cache, make_loader
 from .models import build_model
 from .state import (load_optimizer, load_rng, load_scaler, optimizer_state, rng_state,
@@ -94,20 +92,6 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 def _batches(loader) -> Iterator[dict[str, torch.Tensor]]:
     while True:  # epochs follow each other; the loader advances its own epoch counter
         yield from loader
-
-
-def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = load_config(saved_path)
-    diff = [k for k in changed_keys(saved, cfg) if k not in RESUMABLE_CHANGES]
-    if diff and checkpoints(run_dir):
-        a, b = flatten(saved), flatten(cfg)
-        raise ConfigError(
-            f"{run_dir} holds a run with another config; resuming would mix two runs:\n  "
-            + "\n  ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}" for k in diff)
-            + "\nUse a new run_dir, or restore these values.")
 
 
 def _check_replicas(acc, net: torch.nn.Module, step: int) -> list[str]:
@@ -280,20 +264,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     cpu = not torch.cuda.is_available()
     dist = PartialState(cpu=cpu)
     world = dist.num_processes
-    saved = run_dir / "config.yaml"   # a resumed run keeps its streams
-    cfg.data.streams = (cfg.data.streams or (saved.exists() and load_config(saved).data.streams)
-                        or world)
-    micro, accum = cfg.accumulation(world)   # also checks the streams against the processes
+    # streams resolved (a resumed run keeps its own), the batch split, tensorboard, and a
+    # resume that would mix two recipes: the checks `train run --dry-run` makes too
+    micro, accum = check_start(cfg, world)
     ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
     check = check_cache(ds, cfg)
-    _check_resume_config(run_dir, cfg)
     dist.wait_for_everyone()  # every rank compares with the old config.yaml before it is rewritten
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("tensorboard=true needs the tensorboard package: "
-                          "pip install tensorboard (or set tensorboard=false)")
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
                       log_with="tensorboard" if cfg.tensorboard else None)
     main = acc.is_main_process
