@@ -298,13 +298,16 @@ def read_manifest(root: str | os.PathLike | Store) -> dict[str, Any]:
         raise NotACacheError(f"{store} is not a urepa-cache: it has no {MANIFEST_NAME} "
                              "(build one with `pipeline encode ... --out DIR`)")
     try:
+        if not store.is_regular(MANIFEST_NAME):
+            raise DamagedCacheError(f"{path} is not a regular file (a link or a device): "
+                                    "refused")
         size = store.size(MANIFEST_NAME)
         if size > MAX_MANIFEST_BYTES:
             raise DamagedCacheError(f"{path}: {size:,} bytes, above the documented limit of "
                                     f"{MAX_MANIFEST_BYTES:,} for a manifest")
         m = json.loads(store.read_bytes(MANIFEST_NAME))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise NotACacheError(f"{path}: unreadable manifest ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, big ints
+        raise NotACacheError(f"{path}: unreadable manifest ({_short(str(e))})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise NotACacheError(f"{path}: not a {FORMAT_NAME} manifest "
                              f"(format={m.get('format') if isinstance(m, dict) else None!r})")
@@ -316,6 +319,9 @@ def read_manifest(root: str | os.PathLike | Store) -> dict[str, Any]:
         raise FormatVersionError(
             f"{store}: cache format version {version} is newer than this code reads "
             f"({FORMAT_VERSION}); upgrade urepa-cache")
+    if version == 1 and "sha256" in m:  # a v2 manifest edited to "1" would skip every check
+        raise DamagedCacheError(f"{path}: format_version 1, but the manifest carries a "
+                                "version 2 checksum: the manifest is damaged")
     if version >= 2:
         if m.get("sha256") != manifest_sha256(m):
             raise DamagedCacheError(
@@ -352,7 +358,8 @@ def dataset_sha256(m: dict[str, Any]) -> str:
     latent = {k: v for k, v in m.get("latent", {}).items() if k != "channel_stats"}
     prov = {k: v for k, v in m.get("provenance", {}).items() if k not in VOLATILE_PROVENANCE}
     body = {"spec": m.get("spec"), "fields": m.get("fields"), "latent": latent,
-            "tokens": m.get("tokens"), "provenance": prov}
+            "tokens": m.get("tokens"), "provenance": prov,
+            "zarr_metadata": m.get("zarr_metadata")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
                           ).hexdigest()
 
@@ -375,14 +382,23 @@ def check_manifest(m: dict[str, Any], where: str) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale <= 0:
         raise bad("latent.scale", scale, "a finite number > 0")
+    for key in ("stored", "layout"):
+        if not isinstance(latent.get(key, ""), str):
+            raise bad(f"latent.{key}", latent.get(key), "a string")
+    stats = latent.get("channel_stats", {})
+    if not isinstance(stats, dict) or not all(
+            isinstance(stats.get(k, []), list) for k in ("mean", "std")):
+        raise bad("latent.channel_stats", stats, "an object of per-channel lists")
     if not isinstance(m.get("provenance", {}), dict):
         raise bad("provenance", m.get("provenance"), "an object")
     if m["status"] == "complete":
+        if not isinstance(m.get("shards"), dict):
+            raise bad("shards", m.get("shards"), "an object: the shard table per backend")
         failures = m.get("failures")
         if not isinstance(failures, list) or len(failures) > spec.num_samples or not all(
                 isinstance(f, dict) and _is_int(f.get("index"))
                 and 0 <= f["index"] < spec.num_samples and isinstance(f.get("reason"), str)
-                for f in failures):
+                and isinstance(f.get("key"), str) for f in failures):
             raise bad("failures", failures, "a list of {index, key, reason} with indices "
                                             f"in [0, {spec.num_samples})")
         valid = spec.num_samples - len({f["index"] for f in failures})
@@ -411,10 +427,12 @@ def read_done_marker(root: str | os.PathLike | Store, backend: str, shard: int
     """The done marker of a shard, or None if the shard is not (completely) written."""
     store, key = Store.of(root), done_marker_key(backend, shard)
     try:
-        if store.size(key) > MAX_MARKER_BYTES:
-            return None  # no marker is this large: damaged (verify reports it not done)
+        # a link, a FIFO or a device is no marker, nor is a file this large: damaged
+        # (verify reports the shard not done)
+        if not store.is_regular(key) or store.size(key) > MAX_MARKER_BYTES:
+            return None
         return json.loads(store.read_bytes(key))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # ValueError: JSON, UTF-8, big ints
         return None  # missing, or damaged from outside (writes are atomic)
 
 

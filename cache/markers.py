@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .format import CacheSpec, DamagedCacheError, _is_int, read_done_marker
+from .format import CacheSpec, DamagedCacheError, _is_int, _short, read_done_marker
 from .store import Store
 from .wds_backend import member_checksums
 from .wds_backend import shard_file as wds_shard_file
@@ -77,9 +77,9 @@ def check_marker(marker: Any, spec: CacheSpec, backend: str, shard: int, *,
     problems = []
     start, stop = spec.shard_range(shard)
     if (marker.get("shard"), marker.get("start"), marker.get("stop")) != (shard, start, stop):
-        problems.append(f"done marker names shard {marker.get('shard')!r} "
-                        f"[{marker.get('start')!r}, {marker.get('stop')!r}), expected "
-                        f"{shard} [{start}, {stop})")
+        problems.append(f"done marker names shard {_short(marker.get('shard'))} "
+                        f"[{_short(marker.get('start'))}, {_short(marker.get('stop'))}), "
+                        f"expected {shard} [{start}, {stop})")
     failures = marker.get("failures")
     if not isinstance(failures, list) or not all(
             isinstance(f, dict) and _is_int(f.get("index")) and start <= f["index"] < stop
@@ -89,24 +89,26 @@ def check_marker(marker: Any, spec: CacheSpec, backend: str, shard: int, *,
                         f"{{index in [{start}, {stop}), key, reason}}")
         failures = []
     if marker.get("num_samples") != stop - start - len(failures):
-        problems.append(f"marker counts {marker.get('num_samples')!r} samples, expected "
+        problems.append(f"marker counts {_short(marker.get('num_samples'))} samples, expected "
                         f"{stop - start - len(failures)}")
     sums = marker.get("latent_sums")
     if not (isinstance(sums, list) and len(sums) == 4 and all(
-            isinstance(row, list) and len(row) == spec.latent_channels and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                for x in row) for row in sums)):
+            isinstance(row, list) and len(row) == spec.latent_channels
+            and all(_finite(x) for x in row) for row in sums)):
         problems.append(f"done marker's latent_sums are not 4 x {spec.latent_channels} "
                         "finite numbers")
     names = set(expected_files(spec, backend, shard))
     files = marker.get("files")
     if not isinstance(files, dict) or set(files) != names:
         shown = sorted(files)[:8] if isinstance(files, dict) else files
-        problems.append(f"marker lists files {shown!r}, expected {sorted(names)}")
+        problems.append(f"marker lists files {_short(shown)}, expected {sorted(names)}")
     elif not all(isinstance(i, dict) and _is_int(i.get("bytes")) and i["bytes"] >= 0
                  and isinstance(i.get("sha256"), str) and _SHA256.fullmatch(i["sha256"])
                  for i in files.values()):
         problems.append("done marker's file entries are not {bytes, sha256}")
+    if version < 2 and ("dataset" in marker or "checksums" in marker):
+        problems.append("done marker was written in format v2, the manifest says v1: the "
+                        "manifest is damaged")
     if version >= 2:
         if marker.get("dataset") != dataset:
             problems.append("done marker was written for another manifest (dataset digest "
@@ -117,6 +119,16 @@ def check_marker(marker: Any, spec: CacheSpec, backend: str, shard: int, *,
         if not isinstance(sums_by_file, dict) or set(sums_by_file) != names:
             problems.append("done marker holds no read checksums for its files")
     return problems
+
+
+def _finite(x: Any) -> bool:
+    """A JSON number that is finite as a float (an integer of 400 digits is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def load_marker(store: Store, spec: CacheSpec, backend: str, shard: int, *, version: int,

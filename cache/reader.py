@@ -17,14 +17,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, FailedSampleError,
-                     IncompleteCacheError, dataset_sha256, done_shards, latent_channel_stats,
+from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, DamagedCacheError,
+                     FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards, latent_channel_stats,
                      read_done_marker, read_manifest)
 from .markers import check_marker, expected_files, file_digest, load_marker
 from .quant import dequantize_tokens
 from .store import Store
 from .wds_backend import WdsReader
-from .zarr_backend import ZarrReader
+from .zarr_backend import ZarrReader, metadata_problems
 
 READERS = {"zarr": ZarrReader, "wds": WdsReader}
 
@@ -101,9 +101,17 @@ class CacheDataset:
                     f"{int(done.sum())}/{spec.num_shards} {self.backend} shards done. Finish "
                     "it by rerunning the encode job, or open it with allow_partial=True")
         self.shard_done = done
+        if self.version < 2 and done.any():  # a v2 cache whose manifest was edited to "1"
+            first = read_done_marker(self.store, self.backend, int(np.argmax(done)))
+            if isinstance(first, dict) and ("checksums" in first or "dataset" in first):
+                raise DamagedCacheError(f"{self.root}: the manifest says format v1, its done "
+                                        "markers are v2: the manifest is damaged")
         failures = self.manifest.get("failures")
         if failures is None:  # not finalized: the (checked) done markers list them
-            failures = [f for k in np.flatnonzero(done) for f in self._marker(int(k))["failures"]]
+            for k in np.flatnonzero(done).tolist():
+                self._markers[k] = load_marker(self.store, spec, self.backend, k,
+                                               version=self.version, dataset=self.dataset)
+            failures = [f for k in sorted(self._markers) for f in self._markers[k]["failures"]]
         self.failures: dict[int, str] = {int(f["index"]): f["reason"] for f in failures}
         # built from the done shards only: memory follows the samples there are
         ranges = [np.arange(*spec.shard_range(int(k)), dtype=np.int64)
@@ -113,12 +121,20 @@ class CacheDataset:
         self._reader = None
 
     def _marker(self, shard: int) -> dict[str, Any]:
-        """The shard's done marker, checked once (DamagedCacheError if it is not sound)."""
+        """The shard's done marker, checked once (DamagedCacheError if it is not sound,
+        or if its failures are not the manifest's for this shard: a sample dropped from
+        the manifest's failures would train on its zeroed row)."""
         marker = self._markers.get(shard)
         if marker is None:
-            marker = self._markers[shard] = load_marker(
-                self.store, self.spec, self.backend, shard, version=self.version,
-                dataset=self.dataset)
+            marker = load_marker(self.store, self.spec, self.backend, shard,
+                                 version=self.version, dataset=self.dataset)
+            start, stop = self.spec.shard_range(shard)
+            mine = {f["index"] for f in marker["failures"]}
+            if mine != {i for i in self.failures if start <= i < stop}:
+                raise DamagedCacheError(
+                    f"{self.root}: the manifest's failures in shard {shard} differ from its "
+                    "done marker's: run `pipeline verify` on the cache")
+            self._markers[shard] = marker
         return marker
 
     def _checksums(self, shard: int) -> dict[str, Any]:
@@ -129,9 +145,11 @@ class CacheDataset:
     def reader(self) -> ZarrReader | WdsReader:
         """Backend reader, opened on first use (so each DataLoader worker opens its own)."""
         if self._reader is None:
+            extra = {"metadata": self.manifest.get("zarr_metadata")} \
+                if self.backend == "zarr" and self.version >= 2 else {}
             self._reader = READERS[self.backend](
                 self.store, self.spec,
-                checksums=self._checksums if self.verify_reads else None)
+                checksums=self._checksums if self.verify_reads else None, **extra)
         return self._reader
 
     def __getstate__(self) -> dict:
@@ -218,6 +236,9 @@ class CacheDataset:
         if not complete:
             problems.append(("manifest", None, f"status is {self.manifest.get('status')!r}, "
                                                "not 'complete' (finalize was never run)"))
+        if "zarr" in backends and self.version >= 2:
+            problems += [("zarr", None, p) for p in metadata_problems(
+                self.store, self.spec, self.manifest.get("zarr_metadata"))]
         jobs = [(b, k) for b in backends for k in range(self.spec.num_shards)]
         with ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
             results = list(pool.map(lambda job: self._verify_shard(*job), jobs))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -87,6 +88,16 @@ class Store:
 
     def is_file(self, rel: str) -> bool:
         return self.fs.isfile(self.full(rel))
+
+    def is_regular(self, rel: str) -> bool:
+        """A regular file, not a link (locally: checked without following links, so a
+        marker linked to /dev/zero, a FIFO or a file elsewhere is never read)."""
+        if self.local is None:
+            return self.is_file(rel)
+        try:
+            return stat.S_ISREG(os.lstat(self.full(rel)).st_mode)
+        except OSError:
+            return False
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names in the folder `rel` (empty when it does not exist)."""

@@ -98,7 +98,7 @@ class _MappedTar:
                             raise ValueError(f"member name {m.name[:40]!r} is not "
                                              "<index>.<field>")
                         rows.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
-        except (tarfile.TarError, ValueError, UnicodeDecodeError) as e:
+        except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
             raise DamagedCacheError(f"{rel}: unreadable tar ({e}); run `pipeline verify` "
                                     "on the cache") from None
         self.keys = np.fromiter(rows, dtype=np.int64, count=len(rows))
@@ -169,14 +169,16 @@ class WdsReader:
                     self._fetched.drop(shard_file(old))
             rel = shard_file(shard)
             path = self._fetched.get(rel) if self._fetched else self.store.local_path(rel)
-            t = self._tars[shard] = _MappedTar(path, rel)
+            t = _MappedTar(path, rel)
             if self._checksums is not None:
                 want = self._checksums(shard).get(rel)
                 if not (isinstance(want, dict) and all(
                         isinstance(v, list) and len(v) == len(t.keys) for v in want.values())):
-                    raise DamagedCacheError(f"{rel}: its done marker holds no valid member "
-                                            "checksums; run `pipeline verify` on the cache")
+                    raise DamagedCacheError(f"{rel}: its members do not match the checksums "
+                                            "its done marker records; run `pipeline verify` "
+                                            "on the cache")
                 self._expected[shard] = want
+            self._tars[shard] = t  # only once its checksums are in hand
         return t
 
     def _check(self, tar: _MappedTar, shard: int, ext: str, row: int, offs: np.ndarray,

@@ -30,7 +30,7 @@ from .markers import check_marker, file_digest
 from .quant import quantize_tokens
 from .store import Store
 from .wds_backend import WdsWriter
-from .zarr_backend import ZarrWriter
+from .zarr_backend import ZarrWriter, metadata_digest
 
 WRITERS = {"zarr": ZarrWriter, "wds": WdsWriter}
 _SOFTWARE = ("numpy", "torch", "zarr", "numcodecs", "webdataset", "ray", "timm",
@@ -80,6 +80,10 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
         root.makedirs()
         for backend in spec.backends:
             WRITERS[backend](root, spec).create()
+        # the zarr metadata turns bytes into values (codecs, endianness, shapes): its
+        # digest is part of the dataset's identity, checked by every reader
+        zarr_meta = {"zarr_metadata": metadata_digest(root, spec)} if "zarr" in spec.backends \
+            else {}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -94,6 +98,7 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
                        "quantization": ("int8 absmax per token, fp16 scale in tokens_scale"
                                         if spec.token_dtype == "int8" else None)},
             "provenance": {**provenance, "created": _now(), "software": software_versions()},
+            **zarr_meta,
         }
         root.write_bytes(MANIFEST_NAME, json_bytes(sealed(manifest)))
     return CacheWriter(root)

@@ -17,6 +17,7 @@ Reading has two paths with identical results (tests/test_cache_roundtrip.py chec
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -95,6 +96,36 @@ class ZarrWriter:
         return files
 
 
+def metadata_files(spec: CacheSpec) -> list[str]:
+    """The zarr metadata of a cache, relative to its root: the group's and each array's
+    zarr.json (codecs, endianness, shapes: what turns bytes into values)."""
+    return [f"{GROUP}/zarr.json"] + [f"{GROUP}/{name}/zarr.json" for name in spec.fields]
+
+
+def metadata_digest(store: Store, spec: CacheSpec) -> dict[str, str]:
+    """SHA-256 of each metadata file, recorded in the manifest at creation."""
+    return {rel: hashlib.sha256(store.read_bytes(rel)).hexdigest()
+            for rel in metadata_files(spec)}
+
+
+def metadata_problems(store: Store, spec: CacheSpec, recorded: Any) -> list[str]:
+    """Differences between the zarr metadata on disk and what the manifest recorded."""
+    if not isinstance(recorded, dict) or set(recorded) != set(metadata_files(spec)):
+        return ["the manifest's zarr_metadata does not list the zarr metadata files"]
+    problems = []
+    for rel in metadata_files(spec):
+        try:
+            ok = store.is_regular(rel) and store.size(rel) < 1 << 20 and \
+                hashlib.sha256(store.read_bytes(rel)).hexdigest() == recorded[rel]
+        except OSError:
+            ok = False
+        if not ok:
+            problems.append(f"{rel} differs from the metadata the cache was written with "
+                            "(changed codecs, endianness or shapes would turn bytes into "
+                            "other values)")
+    return problems
+
+
 def shard_file(spec: CacheSpec, name: str, shard: int) -> str:
     """The zarr shard object of field `name` holding cache shard `shard`, relative to the
     cache root."""
@@ -113,9 +144,10 @@ def shard_index(buf, n_chunks: int, where: str) -> np.ndarray:
     if google_crc32c.value(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
         raise DamagedCacheError(f"{where}: its shard index fails its checksum")
     index = raw[:-4].view("<u8").reshape(n_chunks, 2)
-    written = index[:, 0] != _EMPTY
-    if (index[written].sum(axis=1) > len(buf) - need).any():
-        raise DamagedCacheError(f"{where}: its shard index points past the end of the file")
+    written = index[index[:, 0] != _EMPTY]
+    end = np.uint64(len(buf) - need)  # compared without a sum that could wrap past 2^64
+    if ((written[:, 1] < 4) | (written[:, 1] > end) | (written[:, 0] > end - written[:, 1])).any():
+        raise DamagedCacheError(f"{where}: its shard index points outside the file")
     return index
 
 
@@ -136,8 +168,15 @@ class _MappedShard:
 
     def __init__(self, path: Path, rel: str, n_chunks: int, index_bytes: int, trailer: int,
                  crcs: list[int | None] | None, checked: np.ndarray):
-        with open(path, "rb") as f:
-            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(path, "rb") as f:
+                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # missing, or empty (mmap refuses 0 bytes)
+            raise DamagedCacheError(f"{rel}: cannot be read ({e}); run `pipeline verify` on "
+                                    "the cache") from None
+        if len(self.buf) < index_bytes:
+            raise DamagedCacheError(f"{rel}: {len(self.buf)} bytes, too short for its shard "
+                                    "index (truncated)")
         self.rel, self.trailer, self.crcs, self.checked = rel, trailer, crcs, checked
         if trailer:  # this cache's layout: the index ends in its own crc32c
             self.index = shard_index(self.buf, n_chunks, rel)
@@ -163,7 +202,8 @@ class ZarrReader:
     name = "zarr"
 
     def __init__(self, store: Store, spec: CacheSpec, max_open_shards: int = 512,
-                 checksums: Callable[[int], dict[str, Any]] | None = None):
+                 checksums: Callable[[int], dict[str, Any]] | None = None,
+                 metadata: dict[str, str] | None = None):
         """`checksums(shard)` gives the shard's recorded checksums (its done marker's
         "checksums"): each inner chunk read on the fast path is checked against them.
         None reads unchecked (format v1 caches, or checks turned off).
@@ -173,8 +213,17 @@ class ZarrReader:
         and an unchanged file read again gives the same bytes. That makes the checks cost
         one CRC32C pass per chunk per reading process (docs/performance.md)."""
         self.store, self.spec = Store.of(store), spec
-        group = zarr.open_group(self.store.zarr_store(GROUP, read_only=True), mode="r")
-        self.arrays = {name: group[name] for name in spec.fields}
+        if metadata is not None:  # the arrays' zarr.json as the manifest recorded them
+            problems = metadata_problems(self.store, spec, metadata)
+            if problems:
+                raise DamagedCacheError(f"{self.store}: {problems[0]}")
+        try:
+            group = zarr.open_group(self.store.zarr_store(GROUP, read_only=True), mode="r")
+            self.arrays = {name: group[name] for name in spec.fields}
+        except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError,
+                zarr.errors.BaseZarrError) as e:
+            raise DamagedCacheError(f"{self.store}/{GROUP}: the zarr metadata cannot be read "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
         self._fast = {name: self._fast_layout(name) for name in spec.fields}
         self._mapped: dict[tuple[str, int], _MappedShard] = {}
         self._max_open = max_open_shards
@@ -230,7 +279,7 @@ class ZarrReader:
         mapped files on the fast path: copy them out before the reader goes away). Each
         inner chunk is checked against its recorded CRC32C before any row of it is used."""
         if self._fast[name] is None:
-            yield self.arrays[name][start:stop]  # zarr checks the crc32c trailers
+            yield self._zarr_read(name, start, stop)  # zarr checks the crc32c trailers
             return
         f: FieldSpec = self.spec.fields[name]
         S, C = self.spec.shard_size, self.spec.chunk_size
@@ -245,6 +294,9 @@ class ZarrReader:
             n = min(rows_left, C - in_chunk)
             offset, nbytes = (int(v) for v in mapped.index[first])
             if offset == _EMPTY:
+                if mapped.crcs is not None and mapped.crcs[first] is not None:
+                    raise DamagedCacheError(f"{mapped.rel}: inner chunk {first} is missing "
+                                            "from its shard index, but was written")
                 yield np.zeros((n, *f.shape), dtype)
                 row += n
                 continue
@@ -257,8 +309,18 @@ class ZarrReader:
             yield data.reshape(C, *f.shape)[in_chunk:in_chunk + n]
             row += n
 
+    def _zarr_read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows through zarr's own pipeline; what it raises on damaged bytes (a crc32c
+        mismatch, a bad index, undecodable data) becomes one DamagedCacheError."""
+        try:
+            return np.asarray(self.arrays[name][start:stop])
+        except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:
+            raise DamagedCacheError(
+                f"{GROUP}/{name}: rows [{start}, {stop}) cannot be read ({type(e).__name__}: "
+                f"{str(e)[:200]}); run `pipeline verify` on the cache") from None
+
     def read_keys(self, start: int, stop: int) -> list[str]:
-        return [str(k) for k in self.arrays[KEY][start:stop]]
+        return [str(k) for k in self._zarr_read(KEY, start, stop)]
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Every field of a shard through zarr's own API (the reference reader)."""

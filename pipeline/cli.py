@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cache import CacheError, open_cache
+from cache import CacheError, CacheSpec, open_cache
 
 
 def _open(args: argparse.Namespace):
@@ -26,22 +26,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m, indent=1))
         return 0
-    spec = m["spec"]
+    spec = CacheSpec.from_json(m["spec"])   # read_manifest checked what is printed here
     prov = m.get("provenance", {})
     print(f"cache      {args.cache}  ({m['format']} v{m['format_version']}, {m['status']})")
-    print(f"samples    {spec['num_samples']} in {-(-spec['num_samples'] // spec['shard_size'])} "
-          f"shards of {spec['shard_size']}; valid {m.get('num_valid', '?')}, "
-          f"failed {len(m.get('failures', []))}")
-    print(f"backends   {', '.join(spec['backends'])}"
-          f"{'  (zstd)' if spec.get('compression') else ''}")
+    print(f"samples    {spec.num_samples} in {spec.num_shards} shards of {spec.shard_size}; "
+          f"valid {m.get('num_valid', '?')}, failed {len(m.get('failures', []))}")
+    print(f"backends   {', '.join(spec.backends)}{'  (zstd)' if spec.compression else ''}")
     print("fields")
-    for name, f in m["fields"].items():
-        print(f"  {name:13s} {f['dtype']:8s} {f['shape']}")
+    for name, f in spec.fields.items():
+        print(f"  {name:13s} {f.dtype:8s} {list(f.shape)}")
     lat = m["latent"]
-    print(f"latent     scale {lat['scale']}, {lat['stored']}")
+    print(f"latent     scale {lat['scale']}, {lat.get('stored', '?')}")
     if "channel_stats" in lat:
-        print(f"           channel mean {lat['channel_stats']['mean']}")
-        print(f"           channel std  {lat['channel_stats']['std']}")
+        print(f"           channel mean {lat['channel_stats'].get('mean')}")
+        print(f"           channel std  {lat['channel_stats'].get('std')}")
     print("provenance")
     for k, v in prov.items():
         text = json.dumps(v) if not isinstance(v, str) else v

@@ -2,6 +2,7 @@
 found, damaged bytes never reach a batch, and sizes are bounded (issue 14)."""
 
 import builtins
+import os
 import json
 import shutil
 import tarfile
@@ -187,7 +188,7 @@ def test_a_damaged_marker_is_one_line_for_the_loader(make_cache):
     marker = json.loads(marker_file.read_text())
     marker["checksums"] = {"wds/shard-000003.tar": {"tokens.npy": "many"}}
     marker_file.write_text(json.dumps(marker))
-    with pytest.raises(DamagedCacheError, match="shard-000003.tar: its done marker holds no valid"):
+    with pytest.raises(DamagedCacheError, match="shard-000003.tar: its members do not match the checksums"):
         _all_batches(path)
     assert np.isfinite(open_cache(path)[0]["moments"]).all()  # other shards still read
 
@@ -218,3 +219,116 @@ def test_train_run_stops_at_damaged_bytes_in_one_line(tmp_path, capsys):
     assert "zarr/moments/c/1/0/0/0/0" in line and "pipeline verify" in line
     assert not list((tmp_path / "checked" / "checkpoints").glob("step_*"))
     assert run("unchecked", "data.verify_reads=false") == 0  # the explicit way out
+
+
+# ------------------------------------------------------------------ attacks from the review
+@pytest.mark.filterwarnings("ignore:.*format v1 cache")
+def test_a_downgrade_to_v1_does_not_turn_the_checks_off(make_cache):
+    path, _ = make_cache(backends=("zarr",))
+    text = manifest_path(path).read_text()
+    manifest_path(path).write_text(text.replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(DamagedCacheError, match="version 2 checksum"):
+        open_cache(path)
+    _edit_manifest(path, lambda m: (m.update(format_version=1), m.pop("sha256")))
+    with pytest.raises(DamagedCacheError, match="markers are v2"):
+        open_cache(path)
+
+
+def test_changed_zarr_metadata_is_found(make_cache, capsys):
+    """Codecs, endianness and shapes turn bytes into values: a transpose codec added to
+    moments' zarr.json would serve transposed latents whose bytes all pass their CRC."""
+    path, _ = make_cache(backends=("zarr",))
+    meta = path / "zarr" / "moments" / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["codecs"][0]["configuration"]["codecs"].insert(
+        0, {"name": "transpose", "configuration": {"order": [0, 1, 2, 4, 3]}})
+    meta.write_text(json.dumps(m))
+    with pytest.raises(DamagedCacheError, match="zarr/moments/zarr.json differs"):
+        _all_batches(path)
+    assert pipeline_main(["verify", str(path)]) == 1
+    assert "zarr/moments/zarr.json differs" in capsys.readouterr().out
+    meta.write_bytes(meta.read_bytes()[:-3])  # unparseable: still one line
+    assert pipeline_main(["stats", str(path)]) == 1
+    assert "zarr.json differs" in _one_error_line(capsys)
+
+
+def _shard_index(f, n_chunks):
+    data = bytearray(f.read_bytes())
+    return data, np.frombuffer(data, "<u8", 2 * n_chunks, len(data) - 16 * n_chunks - 4)
+
+
+def test_crafted_shard_indexes_are_refused(make_cache):
+    import google_crc32c
+    path, spec = make_cache(backends=("zarr",))
+    f = path / "zarr" / "moments" / "c" / "1" / "0" / "0" / "0" / "0"
+    n = spec.shard_size // spec.chunk_size
+    for entry in ([2**64 - 1, 2**64 - 1], [2**64 - 8, 16]):  # "never written"; wraps 2^64
+        data, index = _shard_index(f, n)
+        index = index.copy().reshape(n, 2)
+        index[1] = entry
+        data[-16 * n - 4:-4] = index.tobytes()
+        data[-4:] = np.uint32(google_crc32c.value(bytes(data[-16 * n - 4:-4]))).tobytes()
+        copy = path.parent / "crafted"
+        shutil.copytree(path, copy)
+        (copy / f.relative_to(path)).write_bytes(bytes(data))
+        with pytest.raises(DamagedCacheError, match="zarr/moments/c/1/0/0/0/0"):
+            _all_batches(copy)
+        assert not open_cache(copy).verify().ok
+        shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_missing_or_empty_shard_files_are_one_line(make_cache, backend):
+    path, _ = make_cache(backends=(backend,))
+    f = (path / "zarr" / "tokens" / "c" / "2" / "0" / "0" / "0" if backend == "zarr"
+         else path / "wds" / "shard-000002.tar")
+    f.write_bytes(b"")
+    with pytest.raises(DamagedCacheError):
+        _all_batches(path)
+    f.unlink()
+    ds = open_cache(path)
+    for _ in range(2):  # and again: the reader keeps no half-opened shard
+        with pytest.raises(DamagedCacheError):
+            ds[40]
+
+
+def test_markers_that_are_not_plain_files_or_numbers(make_cache):
+    path, _ = make_cache(backends=("zarr",))
+    marker_file = done_marker_path(path, "zarr", 1)
+    marker = json.loads(marker_file.read_text())
+    marker["latent_sums"][1][0] = 10**400
+    marker_file.write_text(json.dumps(marker))
+    report = open_cache(path).verify()
+    assert report.bad_shards == {"zarr": [1]} and "latent_sums" in str(report)
+    marker_file.write_text('{"shard": ' + "9" * 5000 + "}")  # above Python's int limit
+    assert open_cache(path).verify().bad_shards == {"zarr": [1]}
+    marker_file.unlink()
+    marker_file.symlink_to("/dev/zero")      # would be read until memory runs out
+    assert "not done" in str(open_cache(path, allow_partial=True).verify())
+    marker_file.unlink()
+    os.mkfifo(marker_file)                    # would block a reader forever
+    assert "not done" in str(open_cache(path, allow_partial=True).verify())
+
+
+def test_a_failure_dropped_from_the_manifest_is_found_by_the_loader(make_cache):
+    path, _ = make_cache(backends=("zarr",), failures={20: "corrupt"})
+
+    def drop(m):
+        m["failures"] = []
+        m["num_valid"] += 1
+    _edit_manifest(path, drop, reseal=True)
+    with pytest.raises(DamagedCacheError, match="failures in shard 1 differ"):
+        _all_batches(path)
+
+
+def test_zarr_pipeline_damage_is_one_line(make_cache):
+    """Compressed arrays are read through zarr's own pipeline: a flipped byte fails the
+    chunk's crc32c trailer there, reported as DamagedCacheError naming the array."""
+    path, _ = make_cache(backends=("zarr",), compression="zstd")
+    f = path / "zarr" / "moments" / "c" / "1" / "0" / "0" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[40] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(DamagedCacheError, match="zarr/moments: rows") as e:
+        _all_batches(path)
+    assert "\n" not in str(e.value)
