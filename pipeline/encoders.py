@@ -15,8 +15,6 @@ antialias, as timm's loader and REPA do); outputs are the final-norm patch token
 from __future__ import annotations
 
 import contextlib
-import pickle
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.format import state_sha256
+from cache.tensors import RefusedFileError, first_line, load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,10 +98,6 @@ def _seeded(seed: int):
         yield
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0]
-
-
 def _drop_decoder(vae: torch.nn.Module) -> torch.nn.Module:
     # only the encoder half is used here; the decoder is half the weights
     vae.decoder = None
@@ -131,7 +126,7 @@ def build_vae(vae: str = DEFAULT_VAE, *, random_weights: bool = False,
             return _drop_decoder(AutoencoderKL.from_pretrained(vae, **kwargs))
     except Exception as e:  # hub/network/file errors come in many types; all mean the same
         raise WeightsError(
-            f"cannot load the VAE {vae!r} ({type(e).__name__}: {_first_line(e)}). "
+            f"cannot load the VAE {vae!r} ({first_line(e)}). "
             f"Download it where there is network (`hf download {vae}`; point HF_HOME at the "
             "shared cache), or pass --vae /local/dir, or --random-weights for a smoke "
             "test") from e
@@ -152,24 +147,12 @@ def _load_tensors(path: Path) -> Any:
             return load_file(str(path))
         except Exception as e:  # SafetensorError, OSError: all mean "not this format"
             raise WeightsError(f"{where}: not a readable .safetensors file "
-                               f"({type(e).__name__}: {_first_line(e)[:200]}); expected "
+                               f"({first_line(e)}); expected "
                                f"{TEACHER_FORMATS}") from None
     try:
-        with warnings.catch_warnings():
-            # a plain pickle draws a 3-line warning before the one-line refusal below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
-        why = (f"it needs the Python object {needed.group(1)}" if needed
-               else "a plain pickle.dump file" if "Unsupported operand" in detail else detail)
-        raise WeightsError(f"{where}: refused: a pickle that is not a torch.save file of "
-                           f"tensors ({why}); nothing in it was run. Expected "
-                           f"{TEACHER_FORMATS}") from None
-    except Exception as e:  # truncated, an .npz, text, ...: torch raises many types
-        raise WeightsError(f"{where}: not a readable torch.save file ({type(e).__name__}: "
-                           f"{_first_line(e)[:200]}); expected {TEACHER_FORMATS}") from None
+        return load_torch_file(path)
+    except RefusedFileError as e:
+        raise WeightsError(f"{where}: {e}. Expected {TEACHER_FORMATS}") from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +197,7 @@ def load_teacher_weights(model: torch.nn.Module, path: str | Path) -> None:
         sd = checkpoint_filter_fn(sd, model)
     except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
         raise WeightsError(f"--teacher-weights {path} does not fit this teacher "
-                           f"({type(e).__name__}: {_first_line(e)[:200]}); {hint}") from None
+                           f"({first_line(e)}); {hint}") from None
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     own = model.state_dict()
     wrong = [k for k, v in sd.items() if k in own and (
@@ -251,7 +234,7 @@ def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
             model = timm.create_model(hub, pretrained=True, **kw)
         except Exception as e:  # hub/network errors come in many types; all mean the same
             raise WeightsError(
-                f"cannot load teacher {name} ({hub}: {type(e).__name__}: {_first_line(e)}). "
+                f"cannot load teacher {name} ({hub}: {first_line(e)}). "
                 f"Download it where there is "
                 f"network (`hf download timm/{hub}`; point HF_HOME at the shared cache), or "
                 "pass --teacher-weights PATH (official dinov2_*_pretrain.pth or timm "

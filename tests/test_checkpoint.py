@@ -93,7 +93,7 @@ def test_the_key_map_round_trip_gives_identical_velocities(tmp_path):
     ("not_sit", "is not a REPA-layout SiT state dict: no x_embedder.proj.weight"),
     ("sit_down", "--arch sit-down-tiny/2: REPA-family checkpoints are SiT models"),
     ("no_weights", "has no 'ema' or 'model' state dict (top-level keys: ['args', 'steps'])"),
-    ("garbage", "not a readable torch checkpoint"),
+    ("garbage", "not a readable torch.save file"),
     ("nan", "1 tensor(s) hold NaN or Inf, e.g. blocks.0.attn.qkv.weight"),
     ("int8", "blocks.0.attn.qkv.weight is a torch.strided torch.int8 tensor"),
     ("no_tokens", "pos_embed [1, 0, 64] are not a SiT's shapes"),

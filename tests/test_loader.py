@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import CacheLoader, LoaderConfig, epoch_plan, open_cache
+from cache import CacheLoader, DamagedCacheError, LoaderConfig, epoch_plan, open_cache
 from cache.loader import batches_per_rank
 from conftest import expected
 
@@ -120,7 +120,7 @@ def test_reads_only_requested_fields(make_cache):
     shutil.rmtree(path / "zarr" / "cls" / "c")
     batches = list(CacheLoader(path, cfg(fields=("moments", "label"))))
     assert set(batches[0]) == {"moments", "label"} and len(batches) == 70 // 4
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DamagedCacheError, match="zarr/tokens/c/0"):
         list(CacheLoader(path, cfg(fields=("moments", "tokens"))))
 
 

@@ -41,10 +41,8 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from typing import Any
 import torch
 
 from cache.format import LATENT_SCALE, atomic_file, atomic_write_json
+from cache.tensors import RefusedFileError, load_torch_file
 
 from .models import ARCHS, build_model
 from .models.sit import SIT_SIZES, SiT, sincos_pos_embed
@@ -514,35 +513,15 @@ def write_checkpoint(out: Path, ck: Checkpoint, source: dict[str, Any]) -> Path:
 
 # ------------------------------------------------------------------------ REPA family
 def _torch_load(path: Path) -> Any:
-    """torch.load that runs no pickled code (REPA's own scripts load with pickle)."""
-    def load(**kw):
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # a plain pickle (not torch.save's) draws a 3-line warning before our one-line
-            # refusal below; the refusal says it all
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    """A REPA-family .pt file, read without running pickled code (REPA's own scripts load
+    with pickle); argparse.Namespace is allowed for its `args`."""
     try:
-        try:
-            return load(mmap=True)  # lazy pages: only what is used is read
-        except RuntimeError as e:  # an old, non-zip torch.save file cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            return load()
-    except pickle.UnpicklingError as e:
-        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if needed is None:          # no class it would need: a damaged or foreign file
-            why = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
-            if "Unsupported operand" in why:   # a pickle torch.save did not write
-                why = f"a plain pickle, not a torch.save file: {why}; nothing in it was run"
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({why})") from None
-        raise CheckpointError(
-            f"{path}: refused: rebuilding it needs the Python object {needed.group(1)}, which "
-            "only running pickled code could make. If you trust the file, extract its 'ema' "
-            "and 'model' state dicts yourself (torch.load(..., weights_only=False)) and "
-            "torch.save them alone") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        return load_torch_file(path, allow=[argparse.Namespace], mmap=True)
+    except RefusedFileError as e:
+        hint = (". If you trust the file, extract its 'ema' and 'model' state dicts yourself "
+                "(torch.load(..., weights_only=False)) and torch.save them alone"
+                if "Python object" in str(e) else "")
+        raise CheckpointError(f"{path}: {e}{hint}") from None
 
 
 def _blocks(state: dict[str, torch.Tensor]) -> set[int]:

@@ -172,7 +172,7 @@ def sample(args: argparse.Namespace) -> int:
         summary = generate(args.source, out, s, checkpoint_format=args.checkpoint_format,
                            arch=args.arch)
     except (SampleError, DecoderError, CheckpointError) as e:
-        print(f"train sample: {e}", file=sys.stderr)
+        _error(e)
         return 2
     if "grid" in summary or "npz" in summary:  # the main process
         print(f"done: {summary['num']:,} samples in {summary['out']} ({summary['made_here']:,} "
@@ -188,7 +188,7 @@ def convert(args: argparse.Namespace) -> int:
     try:
         out, ck = convert_checkpoint(args.source, args.out, arch=args.arch)
     except CheckpointError as e:
-        print(f"train convert: {e}", file=sys.stderr)
+        _error(e)
         return 2
     print(f"{ck.path} ({ck.format}, {ck.arch}, step {ck.step}, weights: "
           f"{', '.join(sorted(ck.states))}{', projector' if ck.projector else ''}) -> {out}")

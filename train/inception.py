@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import re
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cache.tensors import RefusedFileError, load_torch_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -102,10 +101,6 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
         "tests only)")
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-
-
 def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The port's state dict from `path`, every name, shape and dtype checked against
     `expected` (the network's own state dict). torch.load(weights_only=True) rebuilds
@@ -114,21 +109,9 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
     want = (f"expected {WEIGHTS_NAME}: a torch.save state dict of the Inception3 port's "
             f"{len(expected)} tensors ({WEIGHTS_URL})")
     try:
-        with warnings.catch_warnings():
-            # a plain pickle draws a 3-line warning before the one-line refusal below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
-        why = (f"it needs the Python object {needed.group(1)}" if needed
-               else "a plain pickle.dump file" if "Unsupported operand" in detail else detail)
-        raise InceptionWeightsError(f"{path}: refused: a pickle that is not a torch.save "
-                                    f"file of tensors ({why}); nothing in it was run; "
-                                    f"{want}") from None
-    except Exception as e:  # truncated, an .npz, text, ...: torch raises many types
-        raise InceptionWeightsError(f"{path}: not a readable torch.save file "
-                                    f"({_first_line(e)}); {want}") from None
+        sd = load_torch_file(path)
+    except RefusedFileError as e:
+        raise InceptionWeightsError(f"{path}: {e}; {want}") from None
     if not isinstance(sd, dict):
         raise InceptionWeightsError(f"{path}: holds a {type(sd).__name__}, not a state dict; "
                                     f"{want}")
