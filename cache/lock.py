@@ -34,10 +34,20 @@ An existing lock is stale, and taken over with a message that says whose and why
 - it was taken on another machine (its pid cannot be checked from here) and its heartbeat
   is older than `stale_s` (STALE_SECONDS, 10 minutes; also the tolerance for clock skew
   between the machines; the holder's own `stale_after_s`, if longer, wins);
-- it is unreadable (not JSON, a field missing) and, on a local disk, older than `stale_s`.
+- it is unreadable and, on a local disk, older than `stale_s` (its own mtime).
 Otherwise the job is refused with CacheLockedError naming the holder. `break_lock=True`
 (`pipeline encode --break-lock`) takes any lock, saying whose it broke: for a job known to
 be gone whose heartbeat has not expired yet (a machine that died minutes ago).
+
+A lock is unreadable (damaged) when it is not a regular file (locally, checked without
+following links: a symbolic link, FIFO, device or directory is never opened), is larger
+than MAX_LOCK_BYTES (64 KiB), is not a JSON object, lacks a field, or holds a field of the
+wrong type or out of its range: pid 1 <= pid < 2**31, heartbeat_unix a finite time in
+0 .. MAX_UNIX_TIME (year 2286), stale_after_s and heartbeat_every_s finite in
+0.001 .. MAX_TIMEOUT_S (30 days) seconds, pid_start digits; host, token, boot_id, pid_ns,
+started and command strings. Whatever a lock file holds, reading and judging it raises
+only this module's errors, and every string from it is printed escaped and cut to
+MAX_PRINTED (200) characters: one line. A directory with files in it is never removed.
 
 Releasing removes the file only if it still holds our token. A holder whose lock was
 taken over (its heartbeat stalled past the timeout, or --break-lock) notices at its next
@@ -50,11 +60,14 @@ import contextlib
 import datetime
 import errno
 import json
+import math
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
+import unicodedata
 from typing import Any, Callable
 
 from .format import CacheError
@@ -64,6 +77,11 @@ LOCK_NAME = "_lock.json"
 HEARTBEAT_SECONDS = 30.0    # how often the holder rewrites its heartbeat
 STALE_SECONDS = 600.0       # a heartbeat this old (another machine's lock) is stale
 SETTLE_SECONDS = 2.0        # object stores: wait this long before reading our lock back
+MAX_LOCK_BYTES = 64 << 10   # a lock is ~600 bytes plus its command (cut to MAX_COMMAND)
+MAX_COMMAND = 4096          # characters of the command a lock records
+MAX_UNIX_TIME = 1e10        # a heartbeat after this (year 2286) is damage, not a clock
+MAX_TIMEOUT_S = 30 * 86400  # the longest stale_after_s / heartbeat_every_s a lock may set
+MAX_PRINTED = 200           # characters of a string from a lock file in a message
 
 
 class CacheLockedError(CacheError):
@@ -109,47 +127,147 @@ def machine() -> dict[str, str | None]:
             "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": ns}
 
 
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}   # controls, bidi, surrogates
+
+
+def printable(text: str, limit: int = MAX_PRINTED) -> str:
+    """A string from a lock file as it may appear in a one-line message: control, format
+    and separator characters (newlines, terminal escapes, bidi overrides) and lone
+    surrogates escaped (\\n, \\x1b, \\ud800), cut to `limit` characters."""
+    out = "".join(c.encode("unicode_escape").decode("ascii")
+                  if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
 def describe(info: dict[str, Any]) -> str:
-    """The holder of a lock in words: pid, host, start time, heartbeat age, command."""
+    """The holder of a lock in words: pid, host, start time, heartbeat age, command (one
+    line: the strings from the file are escaped and cut, see printable)."""
     if "unreadable" in info:
-        return f"an unreadable lock file ({info['unreadable']})"
+        return f"an unreadable lock file ({printable(info['unreadable'])})"
     age = time.time() - info["heartbeat_unix"]
-    text = (f"pid {info['pid']} on host {info['host']}, started {info.get('started', '?')} "
-            f"(last heartbeat {age:.0f} s ago)")
-    return text + (f", command: {info['command']}" if info.get("command") else "")
+    beat = (f"last heartbeat {age:.0f} s ago" if age >= 0 else
+            f"last heartbeat {-age:.0f} s in the future: clock skew")
+    text = (f"pid {info['pid']} on host {printable(info['host'])}, started "
+            f"{printable(info.get('started') or '?')} ({beat})")
+    return text + (f", command: {printable(info['command'])}" if info.get("command") else "")
 
 
 # ---------------------------------------------------------------- reading the lock
 
-_REQUIRED = {"host": str, "pid": int, "token": str, "heartbeat_unix": (int, float)}
+_NUMBER = (int, float)
+_FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {   # name: (type, required)
+    "lock": (str, False), "host": (str, True), "boot_id": (str, False),
+    "pid_ns": (str, False), "pid": (int, True), "pid_start": (str, False),
+    "started": (str, False), "heartbeat": (str, False), "heartbeat_unix": (_NUMBER, True),
+    "heartbeat_every_s": (_NUMBER, False), "stale_after_s": (_NUMBER, False),
+    "token": (str, True), "command": (str, False)}
+# the range of each number (compared exactly: an int of 400 digits never becomes a float)
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "pid": (1, 2**31 - 1, "a process id: 1 .. 2**31-1"),
+    "heartbeat_unix": (0, MAX_UNIX_TIME, f"a time: 0 .. {MAX_UNIX_TIME:.0e} s"),
+    "heartbeat_every_s": (1e-3, MAX_TIMEOUT_S, f"seconds: 0.001 .. {MAX_TIMEOUT_S}"),
+    "stale_after_s": (1e-3, MAX_TIMEOUT_S, f"seconds: 0.001 .. {MAX_TIMEOUT_S}")}
+
+
+def _field_error(key: str, value: Any) -> str | None:
+    """Why a field of a lock file is damaged, or None (missing optional fields are None)."""
+    kind, required = _FIELDS[key]
+    if value is None:
+        return f"{key} missing" if required else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return f"{key} is a JSON {type(value).__name__}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} is {value}"
+    if key in _RANGES:
+        low, high, what = _RANGES[key]
+        if not low <= value <= high:
+            shown = printable(str(value) if isinstance(value, float) or abs(value) < 10**30
+                              else f"a {len(str(abs(value)))}-digit number", 40)
+            return f"{key} is {shown}, not {what}"
+    if key == "pid_start" and not (value.isascii() and value.isdigit()):
+        return f"pid_start is {printable(value, 40)}, not a number of clock ticks"
+    return None
 
 
 def _parse(data: bytes) -> dict[str, Any]:
+    """The checked fields of a lock file's bytes (other keys are dropped), or
+    {"unreadable": why}."""
     try:
         info = json.loads(data)
-    except ValueError as e:
-        return {"unreadable": f"not JSON: {e}"}
+    except (ValueError, RecursionError) as e:   # RecursionError: [[[[... nested deep
+        return {"unreadable": f"not JSON: {type(e).__name__}: {e}"}
     if not isinstance(info, dict):
         return {"unreadable": f"a JSON {type(info).__name__}, not an object"}
-    bad = [k for k, t in _REQUIRED.items() if not isinstance(info.get(k), t)
-           or isinstance(info.get(k), bool)]
+    bad = [why for key in _FIELDS if (why := _field_error(key, info.get(key)))]
     if bad:
-        return {"unreadable": f"fields {bad} missing or of the wrong type"}
-    return info
+        return {"unreadable": "damaged: " + "; ".join(bad)}
+    return {k: info[k] for k in _FIELDS if info.get(k) is not None}
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), f"file type {mode:o}")
+
+
+def _read_local(store: Store, rel: str) -> bytes | str | None:
+    """The bytes of the local lock file `rel`, why it cannot be read (str), or None when
+    there is none. Never follows a link or opens a FIFO or device (whose read never
+    ends); reads at most MAX_LOCK_BYTES + 1 bytes."""
+    path = store.full(rel)
+    try:
+        if not store.is_regular(rel):   # lstat (a file:// URL: fsspec's isfile)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                return f"{_kind(mode)}, not a regular file"
+        # the name may have been replaced since: no link is followed, a FIFO opens
+        # without waiting for a writer, and fstat judges what was opened
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:   # ELOOP: a link (since the check); EACCES: another user's file
+        return ("a symbolic link, not a regular file" if e.errno == errno.ELOOP
+                else f"not readable ({e.strerror})")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                return f"{_kind(mode)}, not a regular file"
+            return f.read(MAX_LOCK_BYTES + 1)
+        except OSError as e:
+            return f"not readable ({e.strerror})"
+
+
+def _judge(data: bytes | str) -> dict[str, Any]:
+    """_parse, after _read_local's refusals and the size cap."""
+    if isinstance(data, str):
+        return {"unreadable": f"{LOCK_NAME} is {data}"}
+    if len(data) > MAX_LOCK_BYTES:
+        return {"unreadable": f"larger than {MAX_LOCK_BYTES} bytes"}
+    return _parse(data)
 
 
 def read_lock(root: str | os.PathLike | Store) -> dict[str, Any] | None:
-    """The lock file's contents, None when there is none. An unreadable file gives
-    {"unreadable": why, "age_s": seconds since it was written (local files only)}."""
+    """The lock file's checked contents (module docstring), None when there is none. An
+    unreadable one (not a regular file, too large, damaged) gives {"unreadable": why,
+    "age_s": seconds since it was written (local files only)}."""
     store = Store.of(root)
-    try:
-        data = store.read_bytes(LOCK_NAME)
-    except FileNotFoundError:
+    if store.posix:   # a local directory or a file:// URL
+        data = _read_local(store, LOCK_NAME)
+    else:
+        try:   # fsspec: no file types to check, but never more than the cap
+            data = store.fs.cat_file(store.full(LOCK_NAME), start=0, end=MAX_LOCK_BYTES + 1)
+        except FileNotFoundError:
+            return None
+    if data is None:
         return None
-    info = _parse(data)
+    info = _judge(data)
     if "unreadable" in info and store.posix:
-        with contextlib.suppress(FileNotFoundError):
-            info["age_s"] = time.time() - os.stat(store.full(LOCK_NAME)).st_mtime
+        with contextlib.suppress(OSError):
+            info["age_s"] = time.time() - os.lstat(store.full(LOCK_NAME)).st_mtime
     return info
 
 
@@ -178,9 +296,7 @@ def _same_machine(info: dict[str, Any]) -> bool:
 
 def _process_gone(info: dict[str, Any]) -> str | None:
     """Why the process of a lock taken on this machine is no longer its holder, or None."""
-    pid = info["pid"]
-    if pid <= 0:
-        return f"its pid {pid} is not a process id"
+    pid = info["pid"]   # 1 <= pid < 2**31 (_parse)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -210,9 +326,11 @@ class CacheLock:
                  break_lock: bool = False, heartbeat_s: float = HEARTBEAT_SECONDS,
                  stale_s: float = STALE_SECONDS, settle_s: float = SETTLE_SECONDS,
                  log: Callable[[str], Any] = print):
-        if not 0 < heartbeat_s < stale_s:
-            raise ValueError(f"heartbeat_s {heartbeat_s} must be > 0 and below stale_s "
-                             f"{stale_s} (a live holder must never look stale)")
+        if not 0.001 <= heartbeat_s < stale_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"CacheLock: heartbeat_s {heartbeat_s} must be at least 0.001 "
+                             f"and below stale_s {stale_s} (a live holder must never look "
+                             f"stale), and stale_s at most {MAX_TIMEOUT_S} (what other jobs "
+                             "read as a sane lock); choose values in that order")
         self.store = Store.of(root)
         self.command, self.break_lock, self.log = command, break_lock, log
         self.heartbeat_s, self.stale_s, self.settle_s = heartbeat_s, stale_s, settle_s
@@ -255,12 +373,14 @@ class CacheLock:
 
     def _acquire(self) -> None:
         now = time.time()
-        stat = _proc_stat(os.getpid())
+        proc = _proc_stat(os.getpid())
         self.info = {"lock": "urepa-cache encode job", **machine(), "pid": os.getpid(),
-                     "pid_start": stat[1] if stat else None, "started": _iso(now),
+                     "pid_start": proc[1] if proc else None, "started": _iso(now),
                      "heartbeat": _iso(now), "heartbeat_unix": now,
                      "heartbeat_every_s": self.heartbeat_s, "stale_after_s": self.stale_s,
-                     "token": self.token, "command": self.command}
+                     "token": self.token,
+                     # cut: the lock stays far below MAX_LOCK_BYTES whatever the command
+                     "command": None if self.command is None else self.command[:MAX_COMMAND]}
         # a few rounds: each one either takes the lock, refuses, or removes a stale lock
         # (another job may take it first; then the next round judges that one)
         for _ in range(5):
@@ -297,9 +417,8 @@ class CacheLock:
             root.rmdir()
 
     def _stale_after(self, info: dict[str, Any]) -> float:
-        theirs = info.get("stale_after_s")
-        ok = isinstance(theirs, (int, float)) and not isinstance(theirs, bool)
-        return max(self.stale_s, float(theirs) if ok else 0.0)
+        # a number in 0.001 .. MAX_TIMEOUT_S when present (_parse)
+        return max(self.stale_s, float(info.get("stale_after_s", 0.0)))
 
     def _stale(self, info: dict[str, Any]) -> str | None:
         """Why an existing lock may be taken over, or None if its holder may be alive."""
@@ -373,25 +492,43 @@ class CacheLock:
                 return False
             self.store.remove(LOCK_NAME)
             return True
-        # locally: move it aside (atomic), then look at what was moved; a job that took
-        # the lock between our read and the move gets its lock put back
+        # locally: move it aside (atomic), then look at what was moved (read as read_lock
+        # reads: a link, FIFO, device or directory is never opened); a job that took the
+        # lock between our read and the move gets its lock put back
         path = self.store.full(LOCK_NAME)
-        aside = f"{path}.{self.token}.broken"
+        aside_rel = f"{LOCK_NAME}.{self.token}.broken"
+        aside = self.store.full(aside_rel)
         try:
             os.rename(path, aside)
         except FileNotFoundError:
             return False
-        try:
-            with open(aside, "rb") as f:
-                moved = _parse(f.read())
-            if moved.get("token") == info.get("token"):
-                return True
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
+        moved = _read_local(self.store, aside_rel)
+        if moved is None:
             return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(aside)
+        is_dir = isinstance(moved, str) and moved.startswith("a directory")
+        if _judge(moved).get("token") == info.get("token"):
+            if not is_dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(aside)
+                return True
+            try:
+                os.rmdir(aside)   # a directory with files in it is never deleted here
+                return True
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.rename(aside, path)
+                raise CacheLockedError(
+                    f"{path} is a directory, not a lock file, and cannot be removed "
+                    f"({e.strerror}); move it away by hand if no job is running, then "
+                    "rerun") from None
+        with contextlib.suppress(OSError):   # fails when a newer lock has the name
+            if is_dir:
+                os.rename(aside, path)
+            else:
+                os.link(aside, path, follow_symlinks=False)
+        with contextlib.suppress(OSError):   # (IsADirectoryError: put back or left)
+            os.unlink(aside)
+        return False
 
     # -------------------------------------------------------------- holding
     def _beat(self) -> None:

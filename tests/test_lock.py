@@ -17,7 +17,8 @@ from conftest import write_jpeg_folder
 
 from cache import create_cache, open_cache
 from cache.format import done_shards, read_manifest
-from cache.lock import LOCK_NAME, CacheLock, CacheLockedError, read_lock
+from cache.lock import (LOCK_NAME, CacheLock, CacheLockedError, LockLostError, check_token,
+                        machine, read_lock)
 from pipeline import cli
 from pipeline.job import (EncodeConfig, locked_write_stage, make_plan, no_space_error,
                           run_encode)
@@ -239,6 +240,175 @@ def test_an_fsspec_url_lock_is_written_then_read_back(tmp_path):
     finally:
         first.release()
     assert read_lock(url) is None
+
+
+# ---------------------------------------------------------------- a lock file that is not
+# what a CacheLock writes: every case is a one-line refusal while young (CacheLockedError
+# in the job, LockLostError in a write task), taken over once old, never another error
+
+def _lock_fields(here: bool, **extra) -> dict:
+    """A lock as CacheLock writes it: of this process on this machine, or of another
+    machine's job (heartbeat now), with `extra` replacing fields."""
+    if here:
+        start = open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]
+        who = {**machine(), "pid": os.getpid(), "pid_start": start}
+    else:
+        who = {"host": "other-node.example", "boot_id": "b", "pid_ns": "pid:[1]",
+               "pid": 4242, "pid_start": "77"}
+    return {"lock": "urepa-cache encode job", **who, "started": "2026-01-02T03:04:05Z",
+            "heartbeat": "?", "heartbeat_unix": time.time(), "heartbeat_every_s": 30,
+            "stale_after_s": 600, "token": "f" * 32, "command": "pipeline encode", **extra}
+
+
+def _age(path, seconds):
+    """Set the mtime of `path` (of a link itself, not its target) `seconds` back."""
+    os.utime(path, (time.time() - seconds,) * 2, follow_symlinks=False)
+
+
+def _refused_then_taken_over(out, why: str):
+    """The lock at `out` is unreadable for `why`: refused (one line) while young, lost for a
+    write task, taken over (saying so) once an hour old."""
+    assert read_lock(out)["unreadable"].startswith(why)
+    with pytest.raises(CacheLockedError) as e:
+        CacheLock(out).acquire()
+    assert f"an unreadable lock file ({why}" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(LockLostError, match=r"was taken over by an unreadable lock file"):
+        check_token(out, "f" * 32)
+    _age(out / LOCK_NAME, 3600)
+    notes = []
+    lock = CacheLock(out, log=notes.append).acquire()
+    assert read_lock(out)["token"] == lock.token
+    lock.release()
+    assert len(notes) == 1 and f"unreadable lock file ({why}" in notes[0]
+    assert notes[0].endswith("it is unreadable and 3600 s old")
+    assert not os.path.lexists(out / LOCK_NAME)
+
+
+@pytest.mark.parametrize("here, extra, why", [
+    (True, {"pid": 10**30}, "damaged: pid is a 31-digit number, not a process id"),
+    (True, {"pid": 0}, "damaged: pid is 0, not a process id"),
+    (True, {"pid": 2**31}, "damaged: pid is 2147483648, not a process id"),
+    (True, {"pid_start": ["x"]}, "damaged: pid_start is a JSON list"),
+    (False, {"heartbeat_unix": 10**400}, "damaged: heartbeat_unix is a 401-digit number"),
+    (False, {"heartbeat_unix": float("nan")}, "damaged: heartbeat_unix is nan"),
+    (False, {"heartbeat_unix": -1e18}, "damaged: heartbeat_unix is -1e+18, not a time"),
+    (False, {"stale_after_s": 10**400}, "damaged: stale_after_s is a 401-digit number"),
+    (False, {"stale_after_s": float("inf")}, "damaged: stale_after_s is inf"),
+    (False, {"heartbeat_every_s": -1}, "damaged: heartbeat_every_s is -1, not seconds"),
+    (False, {"boot_id": ["b"]}, "damaged: boot_id is a JSON list"),
+    (False, {"command": {"a": 1}}, "damaged: command is a JSON dict"),
+])
+def test_a_number_or_field_out_of_range_is_a_damaged_lock(tmp_path, here, extra, why):
+    """Out-of-range numbers once overflowed in os.kill (a pid of 31 digits on this
+    machine) or float() (a heartbeat of 401 digits), made a live holder's lock look stale
+    (pid 0, a pid_start that is no start time, a heartbeat in 1970) or never stale (inf)."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps(_lock_fields(here, **extra)))
+    _refused_then_taken_over(out, why)
+
+
+def test_the_readers_own_keys_in_a_lock_file_are_ignored(tmp_path):
+    """A lock file cannot pose as unreadable-and-old with keys of read_lock's answer."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps(_lock_fields(False, unreadable="x", age_s="old")))
+    assert set(read_lock(out)) >= {"host", "pid", "token"} and "age_s" not in read_lock(out)
+    with pytest.raises(CacheLockedError, match="pid 4242 on host other-node.example"):
+        CacheLock(out).acquire()
+
+
+def _valid_lock_elsewhere(tmp_path) -> Path:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps(_lock_fields(False)))
+    return target
+
+
+@pytest.mark.timeout(20)   # a FIFO once hung every reader here
+@pytest.mark.parametrize("kind, why", [
+    ("devzero", "_lock.json is a symbolic link, not a regular file"),
+    ("link", "_lock.json is a symbolic link, not a regular file"),
+    ("fifo", "_lock.json is a FIFO, not a regular file"),
+    ("dir", "_lock.json is a directory, not a regular file"),
+    ("large", f"larger than {64 << 10} bytes"),
+    ("nested", "not JSON: RecursionError"),
+])
+def test_a_lock_that_is_not_a_regular_small_file_is_never_read(tmp_path, kind, why):
+    """A link to /dev/zero once filled the memory, a FIFO hung the job and every write
+    task, a directory raised IsADirectoryError, JSON nested 60000 deep RecursionError."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    path = out / LOCK_NAME
+
+    def make():
+        if kind == "devzero":
+            path.symlink_to("/dev/zero")
+        elif kind == "link":
+            path.symlink_to(_valid_lock_elsewhere(tmp_path))
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dir":
+            path.mkdir()
+        elif kind == "large":   # a valid lock after 64 KiB of spaces
+            path.write_text(" " * (64 << 10) + json.dumps(_lock_fields(False)))
+        else:
+            path.write_text("[" * 60000)
+    make()   # --break-lock takes it while young
+    notes = []
+    CacheLock(out, break_lock=True, log=notes.append).acquire().release()
+    assert len(notes) == 1 and notes[0].endswith("): --break-lock")
+    assert notes[0].startswith(f"lock: broke the lock of an unreadable lock file ({why}")
+    assert not os.path.lexists(path)
+    make()
+    _refused_then_taken_over(out, why)
+    if kind == "link":   # the link was removed, not the file it named
+        assert json.loads((tmp_path / "elsewhere.json").read_text())["pid"] == 4242
+
+
+def test_a_lock_directory_with_files_in_it_is_left_alone(tmp_path):
+    out = tmp_path / "cache"
+    (out / LOCK_NAME).mkdir(parents=True)
+    (out / LOCK_NAME / "notes.txt").write_text("mine")
+    _age(out / LOCK_NAME, 3600)
+    with pytest.raises(CacheLockedError) as e:
+        CacheLock(out, log=lambda line: None).acquire()
+    assert str(e.value) == (f"{out / LOCK_NAME} is a directory, not a lock file, and cannot "
+                            "be removed (Directory not empty); move it away by hand if no "
+                            "job is running, then rerun")
+    assert (out / LOCK_NAME / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(out)) == [LOCK_NAME]
+
+
+def test_strings_from_a_lock_are_printed_on_one_line(tmp_path):
+    """Host, start and command of a lock reach the refusal, the takeover notice and a
+    write task's LockLostError escaped (newlines, terminal escapes, a lone surrogate
+    that print() cannot encode) and cut to 200 characters."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    command = "a\nTraceback (most recent call last):\nb\u2028\ud800" + "x" * 1000
+    fields = _lock_fields(False, host="else\nwhere", started="\x1b[31mred", command=command)
+    (out / LOCK_NAME).write_text(json.dumps(fields))
+
+    def one_line(text):
+        assert "\n" not in text and "\x1b" not in text and "\u2028" not in text, text
+        text.encode("utf-8")   # no lone surrogate
+        return text
+    with pytest.raises(CacheLockedError) as e:
+        CacheLock(out).acquire()
+    msg = one_line(str(e.value))
+    assert ("pid 4242 on host else\\nwhere, started \\x1b[31mred (last heartbeat 0 s ago), "
+            "command: a\\nTraceback (most recent call last):\\nb\\u2028\\ud800xxx") in msg
+    assert "x" * 100 + "..." in msg and "x" * 200 not in msg   # 200 characters in all
+    with pytest.raises(LockLostError) as e:
+        check_token(out, "0" * 32)
+    one_line(str(e.value))
+    (out / LOCK_NAME).write_text(json.dumps({**fields, "heartbeat_unix": time.time() - 3600}))
+    notes = []
+    with CacheLock(out, command="y" * 100_000, log=notes.append):
+        one_line(notes[0])
+        assert notes[0].startswith("lock: took over the lock of pid 4242 on host else\\nwhere")
+        # this job's own command is cut: its lock stays far below what a reader accepts
+        assert read_lock(out)["command"] == "y" * 4096
 
 
 def _one_encoded_shard(tmp_path):
