@@ -332,7 +332,17 @@ class CacheLoader:
         if diff:
             raise ValueError("loader state was saved with another plan; exact resume needs "
                              "the same cache, seed, sizes and ranks:\n  " + "\n  ".join(diff))
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        epoch, batch = state.get("epoch"), state.get("batch_in_epoch")
+        # a checkpoint taken after an epoch's last batch records batch_in_epoch == len(self)
+        # (the next batch starts the next epoch), hence <=
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"loader epoch={str(epoch)[:30]} is not an integer >= 0: the "
+                             "saved loader state is damaged (resume from an earlier checkpoint)")
+        if type(batch) is not int or not 0 <= batch <= len(self):
+            raise ValueError(f"loader batch_in_epoch={str(batch)[:30]} is not an integer in "
+                             f"[0, {len(self)}] (batches per epoch): the saved loader state "
+                             "is damaged (resume from an earlier checkpoint)")
+        self.epoch, self.batch_in_epoch = epoch, batch
 
 
 def _identity(x):

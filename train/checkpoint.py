@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,14 @@ FORMATS = ("auto", "ours", "repa")
 WEIGHTS = ("ema", "model")
 # what a model's shape may be, whatever a file says (a 4096 px image has a 512 latent)
 GEOMETRY_LIMITS = {"latent_size": (1, 512), "in_channels": (1, 64), "num_classes": (1, 100_000)}
+# checkpoint.json's "processes": more than any run has (a node count x GPUs), few enough
+# that listing the rng_N.json names costs nothing
+MAX_PROCESSES = 65536
+# checkpoint.json and rng_N.json are read whole: a 65536-process checkpoint.json is a few
+# MiB, an rng file ~20 KiB; anything larger is not one of ours
+JSON_CAP = 64 << 20
+# the dtypes a checkpoint's tensors may have (what training and sampling compute in)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # REPA / HASTE SiT names <-> ours; {n} is a block index. Everything else has one name.
 KEY_MAP: tuple[tuple[str, str], ...] = (
@@ -162,9 +171,49 @@ def write_file(path: Path, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _regular(path: Path) -> os.stat_result:
+    """os.lstat of a file of one of our checkpoints, which must be a regular file: a
+    symlink (to /dev/zero, say), a FIFO or a device would be read forever or block.
+    Raises FileNotFoundError when absent, CheckpointError when not regular."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a directory" if stat.S_ISDIR(st.st_mode) else "a device or socket")
+        raise CheckpointError(f"{path} is {kind}, not a regular file: a checkpoint holds "
+                              "only regular files; copy the real file there")
+    return st
+
+
+def _open_regular(path: Path):
+    """`path` opened for reading, not following a symlink (checked by _regular first)."""
+    _regular(path)
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+
+
+def read_json(path: Path, cap: int = JSON_CAP) -> Any:
+    """A JSON file of a checkpoint (checkpoint.json, rng_N.json): a regular file of at
+    most `cap` bytes. Raises FileNotFoundError, CheckpointError (not regular, too large,
+    unreadable, not JSON)."""
+    try:
+        with _open_regular(path) as f:
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path} is unreadable ({e.strerror or e})") from None
+    if len(data) > cap:
+        raise CheckpointError(f"{path} is over {cap >> 20} MiB, more than a checkpoint's "
+                              "JSON ever holds: not one of ours, or damaged")
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSON or UTF-8 decoding
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: "
+                              f"{str(e)[:100]}): damaged") from None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with _open_regular(path) as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
@@ -198,11 +247,11 @@ def incomplete(ckpt: Path, hashes: bool = True) -> str | None:
     missing"), or None when its checkpoint.json parses and lists the files of the layout
     and each is there with the recorded size (and sha256, when `hashes`)."""
     try:
-        meta = json.loads((ckpt / "checkpoint.json").read_bytes())
+        meta = read_json(ckpt / "checkpoint.json")
     except FileNotFoundError:
         return _old_layout(ckpt, None) or "checkpoint.json missing"
-    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
-        return f"checkpoint.json unreadable ({type(e).__name__}: {str(e)[:100]})"
+    except CheckpointError as e:
+        return str(e).replace(f"{ckpt / 'checkpoint.json'}", "checkpoint.json", 1)
     if not isinstance(meta, dict):
         return f"checkpoint.json holds a {type(meta).__name__}, not an object"
     old = _old_layout(ckpt, meta)
@@ -212,7 +261,10 @@ def incomplete(ckpt: Path, hashes: bool = True) -> str | None:
         return (f"checkpoint.json: layout {str(meta.get('layout'))[:20]!r}; this version "
                 f"reads layout {RUN_LAYOUT}")
     contents, processes = meta.get("contents"), meta.get("processes")
-    if not (isinstance(contents, dict) and type(processes) is int and processes >= 1
+    if type(processes) is not int or not 1 <= processes <= MAX_PROCESSES:
+        return (f"checkpoint.json: processes={str(processes)[:20]} is not an integer in "
+                f"[1, {MAX_PROCESSES}]: damaged")
+    if not (isinstance(contents, dict)
             and all(_plain_name(n) and isinstance(r, dict) and type(r.get("bytes")) is int
                     and isinstance(r.get("sha256"), str) for n, r in contents.items())):
         return "checkpoint.json: no valid contents list or process count"
@@ -222,9 +274,11 @@ def incomplete(ckpt: Path, hashes: bool = True) -> str | None:
         return f"checkpoint.json does not list {', '.join(unlisted)}"
     for name, rec in contents.items():
         try:
-            size = (ckpt / name).stat().st_size
+            size = _regular(ckpt / name).st_size
         except FileNotFoundError:
             return f"{name} missing"
+        except CheckpointError:
+            return f"{name} is not a regular file (a symlink, FIFO or device)"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
         if size != rec["bytes"]:
@@ -233,6 +287,8 @@ def incomplete(ckpt: Path, hashes: bool = True) -> str | None:
         try:
             if _sha256(ckpt / name) != rec["sha256"]:
                 return f"{name} differs from its recorded sha256 (damaged)"
+        except CheckpointError:   # replaced since the size check
+            return f"{name} is not a regular file (a symlink, FIFO or device)"
         except OSError as e:
             return f"{name} unreadable ({e.strerror})"
     return None
@@ -266,7 +322,7 @@ def resolve_checkpoint(path: str | Path, fmt: str = "auto") -> tuple[Path, str]:
         return p, "repa"
     if fmt == "repa":
         raise CheckpointError(f"{p} is not a file: a REPA-family checkpoint is one .pt file")
-    if (p / "checkpoint.json").is_file():
+    if os.path.lexists(p / "checkpoint.json"):   # _read_meta refuses a link or a FIFO
         return p, "ours"
     found, skipped = newest_complete(p, hashes=False)   # the weights are checked on reading
     if found:
@@ -313,15 +369,17 @@ def _check_geometry(geo: dict[str, Any], where: str) -> None:
 
 
 def _check_tensors(state: Any, where: str) -> dict[str, torch.Tensor]:
-    """A state dict of finite, dense floating-point tensors with string names."""
+    """A state dict of finite, dense tensors with string names, each of FLOAT_DTYPES
+    (float8 and other dtypes cannot even be checked for NaN)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{where} is a {type(state).__name__}, not a state dict")
     for k, v in state.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{where}: entry {str(k)[:80]!r} is not a named tensor")
-        if v.layout != torch.strided or v.is_meta or not v.is_floating_point():
+        if v.layout != torch.strided or v.is_meta or v.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{where}: {k} is a {v.layout} {v.dtype} tensor on "
-                                  f"{v.device}, not dense floating-point weights")
+                                  f"{v.device}, not dense float16, bfloat16, float32 or "
+                                  "float64 weights: not a checkpoint of ours, or damaged")
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. "
@@ -375,18 +433,28 @@ def _file_name(meta: dict, files: dict, key: str, ckpt: Path) -> Path:
     path = ckpt / name
     contents = meta.get("contents")                   # train run's checkpoints list sizes
     listed = contents.get(name) if isinstance(contents, dict) else None
-    size = path.stat().st_size if path.is_file() else None
+    try:
+        size = _regular(path).st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
     if isinstance(listed, dict) and size is not None and size != listed.get("bytes"):
         raise CheckpointError(f"{path} has {size} bytes, checkpoint.json records "
                               f"{listed.get('bytes')}: the checkpoint is damaged (truncated?)")
     return path
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, checked (dense, floating point, finite)."""
+def _load_tensors(path: Path, ours: bool = True) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, checked (dense, floating point, finite). A file of
+    our checkpoints (`ours`) must be a regular file, not a link; a file the user names
+    may be a link (a hub cache's blobs are) to a regular file."""
     from safetensors.torch import load_file
     if path.suffix != ".safetensors":   # never torch.load: that would unpickle
         raise CheckpointError(f"{path}: only .safetensors files are read here")
+    try:
+        if ours:
+            _regular(path)   # a link, FIFO or device is refused before it is opened
+    except FileNotFoundError:
+        pass                 # named below
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     try:
@@ -400,12 +468,14 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_meta(ckpt: Path) -> dict[str, Any]:
     """checkpoint.json of one of our checkpoints; the earlier pickled layout is refused."""
     try:
-        meta = json.loads((ckpt / "checkpoint.json").read_bytes())
-    except (OSError, ValueError) as e:
+        meta = read_json(ckpt / "checkpoint.json")
+    except (OSError, CheckpointError) as e:
         meta = e
     old = _old_layout(ckpt, meta if isinstance(meta, dict) else None)
     if old:
         raise CheckpointError(f"{ckpt}: {old}")
+    if isinstance(meta, CheckpointError):
+        raise meta
     if isinstance(meta, Exception):
         raise CheckpointError(f"{ckpt}/checkpoint.json is damaged ({type(meta).__name__}: "
                               f"{str(meta)[:200]})")
@@ -413,6 +483,29 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt}/checkpoint.json holds a {type(meta).__name__}, not an "
                               "object: the checkpoint is damaged")
     return meta
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _check_sampling_meta(meta: dict[str, Any], where: str) -> None:
+    """The fields of checkpoint.json that `train sample` uses besides the geometry: a
+    finite positive latent_scale, a label_dropout in [0, 1] when recorded, a cache record
+    that is a mapping (its VAE config is checked where it is used: train/vae.py)."""
+    scale, config, cache = meta.get("latent_scale"), meta["config"], meta.get("cache", {})
+    if not (_number(scale) and scale > 0):
+        raise CheckpointError(f"{where}: latent_scale={repr(scale)[:40]} is not a finite "
+                              "positive number (the VAE latents' scale, e.g. 0.18215): "
+                              "damaged")
+    dropout = config.get("model.label_dropout", 0.1)
+    if not (_number(dropout) and 0 <= dropout <= 1):
+        raise CheckpointError(f"{where}: config model.label_dropout={repr(dropout)[:40]} is "
+                              "not a number in [0, 1]: damaged")
+    vae = cache.get("vae", {}) if isinstance(cache, dict) else None
+    if not isinstance(cache, dict) or not isinstance(vae, dict):
+        raise CheckpointError(f"{where}: cache={str(cache)[:60]} is not a mapping with a "
+                              "mapping \"vae\" (the training cache's record): damaged")
 
 
 def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
@@ -428,6 +521,7 @@ def _read_ours(ckpt: Path, weights: tuple[str, ...]) -> Checkpoint:
                               f"{sorted(ARCHS)})")
     if not isinstance(files, dict):
         raise CheckpointError(f"{ckpt}/checkpoint.json: files is not a mapping")
+    _check_sampling_meta(meta, f"{ckpt}/checkpoint.json")
     ck = Checkpoint(ckpt, "ours", arch, meta,
                     available=tuple(w for w in WEIGHTS if w in files))
     if "ema" in weights and "ema" in files:
@@ -467,8 +561,8 @@ def read_run_checkpoint(ckpt: Path, process: int, processes: int) -> RunCheckpoi
                               "data-loader state)")
     path = ckpt / rng_file(process)
     try:
-        rng = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+        rng = read_json(path)
+    except OSError as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     return RunCheckpoint(ckpt, meta, _load_tensors(ckpt / CHECKPOINT_FILES["model"]),
                          _load_tensors(ckpt / CHECKPOINT_FILES["ema"]),
@@ -583,7 +677,7 @@ def _sit_arch(geo: dict[str, int], arch: str | None, where: str) -> str:
 
 
 def _read_repa(path: Path, arch: str | None, weights: tuple[str, ...]) -> Checkpoint:
-    obj = _load_tensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    obj = _load_tensors(path, ours=False) if path.suffix == ".safetensors" else _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -157,7 +157,8 @@ class Preview:
         self.settings = SampleSettings(num=p.num, cfg=p.cfg, mode=p.mode, steps=p.steps,
                                        batch_size=p.num, seed=seed, vae=p.vae,
                                        precision=precision)
-        self.decoder = Decoder(p.vae, cache, scale=latent_scale, device=device)
+        self.decoder = Decoder(p.vae, cache, scale=latent_scale, device=device,
+                               where=f"cache {cache.get('root')} (its manifest's provenance)")
         self.shape, self.num_classes, self.device = (p.num, *shape), num_classes, device
 
     def __call__(self, net: torch.nn.Module, path: Path) -> None:
@@ -243,7 +244,8 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
 
     dev = state.device
     decoder = Decoder(s.vae, meta.get("cache", {}), scale=float(meta["latent_scale"]),
-                      device=dev, dtype=PRECISIONS[s.precision])
+                      device=dev, dtype=PRECISIONS[s.precision],
+                      where=f"{ck.path}{'/checkpoint.json' if ck.format == 'ours' else ''} cache")
     if state.is_main_process:
         for w in warnings + decoder.warnings:
             log(f"WARNING: {w}")

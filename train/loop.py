@@ -46,7 +46,7 @@ import torch
 from cache import open_cache
 from cache.format import INDEX, MOMENTS, atomic_write_bytes, json_bytes, state_sha256
 
-from .checkpoint import (CHECKPOINT_FILES, OPTIMIZER_FILE, RUN_LAYOUT, CheckpointError,
+from .checkpoint import (CHECKPOINT_FILES, CKPT_RE, OPTIMIZER_FILE, RUN_LAYOUT, CheckpointError,
                          checkpoints, init_from_checkpoint, load_strict, newest_complete,
                          read_run_checkpoint, rng_file, write_file)
 from .config import ConfigError, TrainConfig, check_start, flatten, model_geometry, to_yaml
@@ -70,10 +70,16 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict()}
 
-    def load_state_dict(self, state: Any, where: str) -> None:
+    def load_state_dict(self, state: Any, where: str, step: int) -> None:
+        """Restore from checkpoint.json's "train" of the checkpoint of step `step` (its
+        directory's name): the step it records must be that one."""
         if not (isinstance(state, dict) and type(state.get("step")) is int
-                and state["step"] >= 0 and isinstance(state.get("loader"), dict)):
+                and isinstance(state.get("loader"), dict)):
             raise CheckpointError(f"{where}: \"train\" is not {{step, loader}}: damaged")
+        if state["step"] != step:
+            raise CheckpointError(f"{where}: train.step={str(state["step"])[:40]} is not the "
+                                  f"step of its directory ({step}): damaged; move it out of "
+                                  "checkpoints/ to resume from the previous one")
         # the main process saved its own loader state; epoch and position are the same
         # on every rank, the rank is ours
         try:
@@ -234,7 +240,12 @@ def _resume(acc, ckpt: Path, student, ema: torch.nn.Module, opt, state: TrainSta
     load_strict(ema, saved.ema, f"{ckpt / CHECKPOINT_FILES['ema']}")
     load_optimizer(opt, saved.optimizer, saved.meta.get("optimizer"), f"{ckpt / OPTIMIZER_FILE}")
     load_scaler(acc.scaler, saved.meta.get("scaler"), f"{ckpt}/checkpoint.json")
-    state.load_state_dict(saved.meta.get("train"), f"{ckpt}/checkpoint.json")
+    where, step = f"{ckpt}/checkpoint.json", int(CKPT_RE.match(ckpt.name).group(1))
+    if saved.meta.get("step") != step:
+        raise CheckpointError(f"{where}: step={str(saved.meta.get('step'))[:30]} is not the "
+                              f"step of its directory ({step}): damaged; move it out of "
+                              "checkpoints/ to resume from the previous one")
+    state.load_state_dict(saved.meta.get("train"), where, step)
     load_rng(saved.rng, f"{ckpt / rng_file(acc.process_index)}")
 
 

@@ -6,6 +6,7 @@ checks what a file holds before any of it is used, and errors name the file and 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import Any
@@ -36,11 +37,31 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _same_kind(saved: Any, live: Any) -> bool:
+    """A JSON value stands for a live param-group value: the same type (a finite int or
+    float for a float, a list of as many for a tuple or list), None for None."""
+    if isinstance(live, (tuple, list)):
+        return (isinstance(saved, list) and len(saved) == len(live)
+                and all(_same_kind(s, v) for s, v in zip(saved, live)))
+    if type(live) is float:
+        return type(saved) in (int, float) and math.isfinite(saved)
+    return type(saved) is type(live)
+
+
+def _adamw_names(group: dict[str, Any]) -> set[str]:
+    """The tensors AdamW keeps per parameter of a group."""
+    names = {"step", "exp_avg", "exp_avg_sq"}
+    return names | {"max_exp_avg_sq"} if group.get("amsgrad") else names
+
+
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                    info: Any, where: str) -> None:
     """Load optimizer_state()'s two parts into `opt` (accelerate's wrapper or a plain
-    optimizer), after checking them against its parameters: same groups, same parameter
-    indices, every per-parameter tensor of its parameter's shape (or a scalar)."""
+    AdamW), after checking them against it: the same groups with the same parameter
+    indices and every hyperparameter the live group has, of its type (nothing more); per
+    parameter exactly AdamW's tensors (a 0-dim `step`, `exp_avg` and `exp_avg_sq` of the
+    parameter's shape, `max_exp_avg_sq` too with amsgrad), all floating point, and no
+    plain values (AdamW keeps none)."""
     live = opt.state_dict()["param_groups"]
     params = [p for g in opt.param_groups for p in g["params"]]
     groups = info.get("param_groups") if isinstance(info, dict) else None
@@ -48,7 +69,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     if not isinstance(groups, list) or len(groups) != len(live) or not isinstance(scalars, dict):
         raise CheckpointError(f"{where}: the optimizer's param_groups/scalars are not "
                               f"{len(live)} group(s) as this run has; the file is damaged")
-    restored = []
+    restored, names = [], {}
     for k, (saved, mine) in enumerate(zip(groups, live)):
         if not isinstance(saved, dict) or saved.get("params") != mine["params"]:
             raise CheckpointError(f"{where}: param group {k} holds other parameters than "
@@ -57,9 +78,25 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
             isinstance(v, _PLAIN) or isinstance(v, list) and all(isinstance(x, _PLAIN) for x in v))]
         if bad:
             raise CheckpointError(f"{where}: param group {k}: {bad[:5]} are not plain values")
+        missing = sorted(n for n in mine if n not in saved)
+        extra = sorted(str(n)[:30] for n in saved if n not in mine)
+        wrong = sorted(f"{n}={repr(saved[n])[:20]}" for n in mine if n in saved
+                       and n != "params" and not _same_kind(saved[n], mine[n]))
+        if missing or extra or wrong:
+            raise CheckpointError(
+                f"{where}: param group {k} does not match this run's AdamW: "
+                + "; ".join(f"{label} {keys[:5]}" for label, keys in (
+                    ("missing", missing), ("unknown", extra), ("of another type", wrong))
+                    if keys) + ": the file is damaged")
         # JSON has no tuples; AdamW takes betas either way, but keep the live types
         restored.append({n: tuple(v) if isinstance(mine.get(n), tuple) else v
                          for n, v in saved.items()})
+        names.update({i: _adamw_names(mine) for i in mine["params"]})
+    if scalars:
+        i, values = next(iter(scalars.items()))
+        raise CheckpointError(f"{where}: scalars[{str(i)[:20]!r}] = {str(values)[:40]}: AdamW "
+                              "keeps no plain per-parameter values (its state is tensors): "
+                              "the file is damaged")
     per_param: dict[int, dict[str, Any]] = {}
     _check_tensors(tensors, where)
     for key, v in tensors.items():
@@ -68,17 +105,22 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         if not 0 <= i < len(params):
             raise CheckpointError(f"{where}: {key!r} names no parameter of this run's "
                                   f"optimizer (it has {len(params)})")
-        if v.dim() and v.shape != params[i].shape:
+        if m.group(2) not in names.get(i, ()):
+            raise CheckpointError(f"{where}: {key!r} is none of AdamW's state "
+                                  f"({sorted(names.get(i, ()))})")
+        if m.group(2) == "step" and v.dim():
+            raise CheckpointError(f"{where}: {key} is {list(v.shape)}, not a 0-dim step count")
+        if m.group(2) != "step" and v.shape != params[i].shape:
             raise CheckpointError(f"{where}: {key} is {list(v.shape)}, its parameter "
                                   f"{list(params[i].shape)}")
+        if m.group(2) == "step" and not (v >= 0 and v == v.round()):
+            raise CheckpointError(f"{where}: {key}={v.item()} is not a step count")
         per_param.setdefault(i, {})[m.group(2)] = v
-    for i, values in scalars.items():
-        if not (isinstance(i, str) and i.isdigit() and int(i) < len(params)
-                and isinstance(values, dict)
-                and all(isinstance(v, (bool, int, float)) for v in values.values())):
-            raise CheckpointError(f"{where}: scalars[{str(i)[:20]!r}] is not a parameter's "
-                                  "numbers")
-        per_param.setdefault(int(i), {}).update(values)
+    for i, values in per_param.items():   # a parameter has all of its state or none
+        absent = sorted(names[i] - set(values))
+        if absent:
+            raise CheckpointError(f"{where}: parameter {i} has {sorted(values)} but not "
+                                  f"{absent} of AdamW's state: the file is damaged")
     opt.load_state_dict({"state": per_param, "param_groups": restored})
 
 
@@ -115,6 +157,16 @@ def _bytes(v: Any, n: int) -> torch.Tensor | None:
         return None
 
 
+def _settable(state: torch.Tensor, device: str) -> bool:
+    """torch accepts `state` for a generator of `device` (tried on a new generator, so
+    the real ones are set only once every part is known good)."""
+    try:
+        torch.Generator(device).set_state(state)
+    except RuntimeError:   # "Invalid mt19937 state", a wrong size
+        return False
+    return True
+
+
 def load_rng(state: Any, where: str) -> None:
     """Set this process's generators from rng_state()'s JSON, after checking all of it
     (nothing is set when any part is wrong). CUDA generators: those of the devices
@@ -133,12 +185,16 @@ def load_rng(state: Any, where: str) -> None:
     cpu = _bytes(s.get("torch"), torch.get_rng_state().numel())
     if cpu is None:
         problems.append(f"torch: not {torch.get_rng_state().numel()} bytes in hex")
+    elif not _settable(cpu, "cpu"):
+        problems.append("torch: not a valid mt19937 generator state")
     cuda = s.get("cuda", [])
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cuda_states = [_bytes(c, torch.cuda.get_rng_state(i).numel())
                    for i, c in enumerate(cuda[:n_cuda] if isinstance(cuda, list) else [])]
     if not isinstance(cuda, list) or any(c is None for c in cuda_states):
         problems.append("cuda: not a list of generator states in hex")
+    elif not all(_settable(c, f"cuda:{i}") for i, c in enumerate(cuda_states)):
+        problems.append("cuda: a generator state torch refuses")
     if problems:
         raise CheckpointError(f"{where}: damaged random state: " + "; ".join(problems))
     random.setstate((3, tuple(py["state"]), py["gauss_next"]))
