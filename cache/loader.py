@@ -63,7 +63,8 @@ class LoaderConfig:
     backend: str | None = None  # zarr or wds when the cache has both
     # check every chunk (zarr) or member (wds) read against the CRC32C its done marker
     # records: damage stops the loader with DamagedCacheError before it reaches a batch.
-    # Costs ~N% of the loader's throughput (docs/performance.md); False reads unchecked
+    # Costs one CRC32C pass the first time a process reads a chunk, nothing after
+    # (docs/performance.md); False reads unchecked
     verify: bool = True
 
     def __post_init__(self) -> None:

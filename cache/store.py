@@ -20,7 +20,6 @@ requests, and a webdataset shard is fetched when a sample of it is first read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import tempfile
@@ -113,13 +112,6 @@ class Store:
     def du(self, rel: str = "") -> int:
         """Bytes of every file under `rel`."""
         return int(self.fs.du(self.full(rel))) if self.exists(rel) else 0
-
-    def sha256(self, rel: str, block: int = 1 << 22) -> str:
-        h = hashlib.sha256()
-        with self.fs.open(self.full(rel), "rb") as f:
-            while chunk := f.read(block):
-                h.update(chunk)
-        return h.hexdigest()
 
     # ------------------------------------------------------------------ reads
     def read_bytes(self, rel: str) -> bytes:

@@ -211,9 +211,11 @@ def read_json(path: Path, cap: int = JSON_CAP) -> Any:
                               f"{str(e)[:100]}): damaged") from None
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, *, regular: bool = True) -> str:
+    """SHA-256 of a file; `regular`: refuse links, FIFOs and devices (a run directory's
+    files), else follow links (a REPA-family file in a hub cache is one)."""
     digest = hashlib.sha256()
-    with _open_regular(path) as f:
+    with _open_regular(path) if regular else path.open("rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
@@ -792,13 +794,8 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, arch: str | None 
     ck = read_checkpoint(source, arch=arch)
     if ck.format == "ours":
         return write_repa_file(Path(out), ck), ck
-    import hashlib
-    digest = hashlib.sha256()
-    with ck.path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
     origin = {"path": str(ck.path.absolute()), "format": ck.format,
-              "sha256": digest.hexdigest(), "step": ck.step}
+              "sha256": _sha256(ck.path, regular=False), "step": ck.step}
     return write_checkpoint(Path(out), ck, origin), ck
 
 

@@ -107,8 +107,9 @@ class DataConfig:
     #                                  the same global batches and draws on 1 or N processes
     resolution: Optional[int] = None  # when set, must match the cache's image resolution
     verify_reads: bool = True        # check each chunk read against its recorded CRC32C:
-    #                                  damage stops the run naming the file (costs a few %
-    #                                  of loader throughput, docs/performance.md)
+    #                                  damage stops the run naming the file (costs one
+    #                                  CRC32C pass per chunk and loader process,
+    #                                  docs/performance.md)
 
     def __post_init__(self) -> None:
         if self.view not in ("random", "first"):
