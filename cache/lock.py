@@ -71,7 +71,7 @@ import unicodedata
 from typing import Any, Callable
 
 from .format import CacheError
-from .store import Store
+from .store import NotRegularFileError, Store, file_kind, open_regular
 
 LOCK_NAME = "_lock.json"
 HEARTBEAT_SECONDS = 30.0    # how often the holder rewrites its heartbeat
@@ -204,15 +204,6 @@ def _parse(data: bytes) -> dict[str, Any]:
     return {k: info[k] for k in _FIELDS if info.get(k) is not None}
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), f"file type {mode:o}")
-
-
 def _read_local(store: Store, rel: str) -> bytes | str | None:
     """The bytes of the local lock file `rel`, why it cannot be read (str), or None when
     there is none. Never follows a link or opens a FIFO or device (whose read never
@@ -222,23 +213,15 @@ def _read_local(store: Store, rel: str) -> bytes | str | None:
         if not store.is_regular(rel):   # lstat (a file:// URL: fsspec's isfile)
             mode = os.lstat(path).st_mode
             if not stat.S_ISREG(mode):
-                return f"{_kind(mode)}, not a regular file"
-        # the name may have been replaced since: no link is followed, a FIFO opens
-        # without waiting for a writer, and fstat judges what was opened
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                return f"{file_kind(mode)}, not a regular file"
+        with open_regular(path) as f:   # the name may have been replaced since
+            return f.read(MAX_LOCK_BYTES + 1)
     except FileNotFoundError:
         return None
-    except OSError as e:   # ELOOP: a link (since the check); EACCES: another user's file
-        return ("a symbolic link, not a regular file" if e.errno == errno.ELOOP
-                else f"not readable ({e.strerror})")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                return f"{_kind(mode)}, not a regular file"
-            return f.read(MAX_LOCK_BYTES + 1)
-        except OSError as e:
-            return f"not readable ({e.strerror})"
+    except NotRegularFileError as e:
+        return e.strerror
+    except OSError as e:   # EACCES: another user's file
+        return f"not readable ({e.strerror})"
 
 
 def _judge(data: bytes | str) -> dict[str, Any]:

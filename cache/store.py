@@ -20,6 +20,7 @@ requests, and a webdataset shard is fetched when a sample of it is first read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -28,6 +29,40 @@ from typing import Any, BinaryIO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words ("a FIFO", "a symbolic link", ...)."""
+    return next((name for test, name in _KINDS if test(mode)), f"file type {mode:o}")
+
+
+class NotRegularFileError(OSError):
+    """A path that must be a regular file is a link, FIFO, device or directory."""
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """A local file opened for reading only if it is a regular file: no link is followed
+    (O_NOFOLLOW), a FIFO opens without waiting for a writer (O_NONBLOCK) and fstat judges
+    what was opened, so a name swapped after an lstat check cannot make a read block or
+    never end. Raises FileNotFoundError, NotRegularFileError, OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFileError(errno.ELOOP, "a symbolic link, not a regular file",
+                                      str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFileError(errno.EINVAL, f"{file_kind(mode)}, not a regular file",
+                                  str(path))
+    return os.fdopen(fd, "rb")
 
 
 def is_url(root: str | os.PathLike) -> bool:

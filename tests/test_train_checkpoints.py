@@ -407,7 +407,7 @@ def run_limited(script: str, timeout: int = 240) -> subprocess.CompletedProcess:
 FILE_ATTACKS = {
     # name (see make_file_attack): the reason `incomplete` gives
     "processes_huge": "checkpoint.json: processes=10000000000 is not an integer in [1, 65536]",
-    "json_devzero": "checkpoint.json is a symlink, not a regular file",
+    "json_devzero": "checkpoint.json is a symbolic link, not a regular file",
     "json_fifo": "checkpoint.json is a FIFO, not a regular file",
     "rng_devzero": "rng_0.json is not a regular file",
     "rng_fifo": "rng_0.json is not a regular file",

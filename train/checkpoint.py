@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from cache.format import LATENT_SCALE, atomic_file, atomic_write_json
+from cache.store import NotRegularFileError, file_kind, open_regular
 from cache.tensors import RefusedFileError, load_torch_file
 
 from .models import ARCHS, build_model
@@ -177,17 +178,20 @@ def _regular(path: Path) -> os.stat_result:
     Raises FileNotFoundError when absent, CheckpointError when not regular."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a directory" if stat.S_ISDIR(st.st_mode) else "a device or socket")
-        raise CheckpointError(f"{path} is {kind}, not a regular file: a checkpoint holds "
-                              "only regular files; copy the real file there")
+        raise CheckpointError(f"{path} is {file_kind(st.st_mode)}, not a regular file: a "
+                              "checkpoint holds only regular files; copy the real file there")
     return st
 
 
 def _open_regular(path: Path):
-    """`path` opened for reading, not following a symlink (checked by _regular first)."""
+    """`path` opened for reading, not following a symlink (checked by _regular first;
+    open_regular judges again what it opened)."""
     _regular(path)
-    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+    try:
+        return open_regular(path)
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{path} is {e.strerror}: a checkpoint holds only regular "
+                              "files; copy the real file there") from None
 
 
 def read_json(path: Path, cap: int = JSON_CAP) -> Any:
