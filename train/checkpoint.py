@@ -37,6 +37,7 @@ from a checkpoint is checked before use.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -46,14 +47,15 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from cache.format import LATENT_SCALE, atomic_file, atomic_write_json
+from cache.format import LATENT_SCALE, atomic_file, atomic_write_json, json_bytes
 from cache.store import NotRegularFileError, file_kind, open_regular
 from cache.tensors import RefusedFileError, load_torch_file
 
+from .config import ConfigError
 from .models import ARCHS, build_model
 from .models.sit import SIT_SIZES, SiT, sincos_pos_embed
 
@@ -844,3 +846,146 @@ def init_from_checkpoint(source: str | Path, net: torch.nn.Module, ema: torch.nn
     return (f"initialised from {ck.path} ({ck.format} checkpoint, step {ck.step}): weights "
             f"from its {trained} weights, EMA from its {averaged}{note}; the optimizer "
             "starts fresh")
+
+
+# ------------------------------------------------------------------------ train run's side
+def save_run_checkpoint(acc, run_dir: Path, step: int, keep: int, meta: dict, student,
+                     ema: torch.nn.Module, opt, state) -> Path:
+    """checkpoints/step_N (layout: train/checkpoint.py): each process writes its
+    rng_N.json, the main process the weights, the optimizer and, last, checkpoint.json
+    listing every file with its size and sha256; built as .tmp_step_N, renamed once
+    complete. If a write fails on any process (a full disk), the partial directory is
+    removed, nothing older is touched, and every process raises the same CheckpointError."""
+    from accelerate.utils import broadcast_object_list, gather_object
+    from safetensors.torch import save as safetensors_bytes
+
+    from .state import optimizer_state, rng_state, scaler_state   # state.py reads ours
+
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    if final.exists():
+        return final
+    main = acc.is_main_process
+    contents: dict[str, dict] = {}
+    failed: tuple[str, int | None] | None = None
+
+    def put(name: str, data: Callable[[], bytes]) -> None:
+        nonlocal failed
+        if failed is None:
+            try:
+                contents[name] = write_file(tmp / name, data())
+            except OSError as e:
+                failed = (f"{e.strerror or e} ({e.filename or tmp / name})", e.errno)
+
+    def tensors(module) -> bytes:
+        sd = module.state_dict()
+        return safetensors_bytes({k: v.detach().contiguous() for k, v in sd.items()})
+
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failed = (f"{e.strerror or e} ({e.filename or tmp})", e.errno)
+    acc.wait_for_everyone()
+    put(rng_file(acc.process_index), lambda: json.dumps(rng_state()).encode())
+    if main:
+        opt_tensors, opt_info = optimizer_state(opt)
+        put(CHECKPOINT_FILES["model"], lambda: tensors(acc.unwrap_model(student)))
+        put(CHECKPOINT_FILES["ema"], lambda: tensors(ema))
+        put(OPTIMIZER_FILE, lambda: safetensors_bytes(opt_tensors))
+    reports = gather_object([(contents, failed)])
+    if main:
+        for theirs, error in reports:
+            contents.update(theirs)
+            failed = failed or error
+        record = {**meta, "layout": RUN_LAYOUT, "processes": acc.num_processes,
+                  "train": state.state_dict(), "optimizer": opt_info,
+                  "scaler": scaler_state(acc.scaler), "contents": dict(contents)}
+        put("checkpoint.json", lambda: json_bytes(record))   # last: the sign it is whole
+        if failed is None:
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                failed = (f"{e.strerror or e} (renaming {tmp})", e.errno)
+        if failed is None:
+            for old in checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    failed = broadcast_object_list([failed])[0]
+    if failed:
+        kept = checkpoints(run_dir)
+        prev = (f"the newest checkpoint, {kept[-1]}, is intact and a rerun resumes from it"
+                if kept else "there is no earlier checkpoint: a rerun starts from step 0")
+        fix = ("Free disk space" if failed[1] in (errno.ENOSPC, errno.EDQUOT)
+               else "Fix this")
+        raise CheckpointError(f"cannot write checkpoint {final}: {failed[0]}. Nothing was "
+                              f"lost: the partial checkpoint was removed and {prev}. {fix} "
+                              "and rerun the same command")
+    return final
+
+
+def choose_checkpoint(acc, run_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint every process resumes from: the newest complete one as the main
+    process finds it (it checks sizes and hashes once for all). Newer incomplete ones are
+    named with the reason and renamed step_N.incomplete, so that the run writes step_N
+    anew and never prunes a good checkpoint to keep a damaged one."""
+    from accelerate.utils import broadcast_object_list
+    root = run_dir / "checkpoints"
+    choice = error = None
+    if acc.is_main_process:
+        for stale in root.glob(".tmp_step_*"):   # an interrupted save: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        found, skipped = newest_complete(run_dir)
+        for ckpt, why in skipped:
+            say(f"skipping {ckpt.relative_to(run_dir)}: {why}")
+        if found is None and skipped:
+            error = (f"{root} holds no checkpoint to resume from: "
+                     + "; ".join(f"{c.name}: {why}" for c, why in skipped[:3])
+                     + ". Restore the files, or move the step_N directories out of "
+                     f"{root} to start this run over, or use a new run_dir")
+        for ckpt, _ in skipped if found else ():
+            aside = ckpt.with_name(f"{ckpt.name}.incomplete")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = ckpt.with_name(f"{ckpt.name}.incomplete{n}")
+            try:
+                os.replace(ckpt, aside)
+                say(f"moved {ckpt.name} to {aside.name}; resuming from {found.name}")
+            except OSError as e:   # resuming with it in place would save over it later
+                error = (f"cannot rename the incomplete {ckpt} to {aside.name} "
+                         f"({e.strerror}); move it out of {root} and rerun")
+                break
+        choice = found.name if found else None
+    choice, error = broadcast_object_list([choice, error])
+    if error:
+        raise CheckpointError(error)
+    found = checkpoints(run_dir)
+    mine = found[-1].name if found else None
+    if mine != choice:
+        raise ConfigError(f"process {acc.process_index} sees checkpoint {mine} in {run_dir}, "
+                          f"the main process {choice}: run_dir must be on a filesystem "
+                          "shared by every node")
+    return root / choice if choice else None
+
+
+def resume_run(acc, ckpt: Path, student, ema: torch.nn.Module, opt, state) -> None:
+    """Load a checkpoint `choose_checkpoint` chose into the modules, the optimizer, the
+    scaler, the loader (`state`: the loop's TrainState) and this process's generators
+    (safetensors and json only)."""
+    from .state import load_optimizer, load_rng, load_scaler
+    saved = read_run_checkpoint(ckpt, acc.process_index, acc.num_processes)
+    load_strict(acc.unwrap_model(student), saved.student,
+                f"{ckpt / CHECKPOINT_FILES['model']}")
+    load_strict(ema, saved.ema, f"{ckpt / CHECKPOINT_FILES['ema']}")
+    load_optimizer(opt, saved.optimizer, saved.meta.get("optimizer"), f"{ckpt / OPTIMIZER_FILE}")
+    load_scaler(acc.scaler, saved.meta.get("scaler"), f"{ckpt}/checkpoint.json")
+    where, step = f"{ckpt}/checkpoint.json", int(CKPT_RE.match(ckpt.name).group(1))
+    if saved.meta.get("step") != step:
+        raise CheckpointError(f"{where}: step={str(saved.meta.get('step'))[:30]} is not the "
+                              f"step of its directory ({step}): damaged; move it out of "
+                              "checkpoints/ to resume from the previous one")
+    state.load_state_dict(saved.meta.get("train"), where, step)
+    load_rng(saved.rng, f"{ckpt / rng_file(acc.process_index)}")
