@@ -16,11 +16,11 @@ from cache import CacheSpec
 from cache.synthetic import write_synthetic_cache
 from conftest import tiny_run_config
 from pipeline.encoders import TINY_VAE_CONFIG
-from train.checkpoint import (CheckpointError, init_from_checkpoint, load_backbone,
-                              read_checkpoint, rename, to_repa_layout)
+from train.checkpoint import CheckpointError, init_from_checkpoint, load_backbone, read_checkpoint
 from train.cli import main as train_main
 from train.models import Projector, build_model
 from train.loop import train
+from train.repa_format import rename, to_repa_layout
 from train.vae import encoder_sha256
 
 SPEC = CacheSpec(num_samples=32, shard_size=16, latent_size=8, tokens=16, token_dim=32)
