@@ -39,9 +39,15 @@ from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher,  # noqa: E402
                                teacher_input_size, teacher_pixels, token_grid)
-from train.config import AlignConfig  # noqa: E402
+from train.config import AlignConfig, ModelConfig  # noqa: E402
+from train.methods import build_method  # noqa: E402
 from train.models import build_model  # noqa: E402
 from train.step import Student  # noqa: E402
+
+def urepa(arch: str, dim: int):
+    """U-REPA (the trainer's default method) for `arch` and teacher width `dim`."""
+    return build_method(AlignConfig(method="urepa", teacher_dim=dim), {}, ModelConfig(arch=arch))
+
 
 def make_pngs(root: Path, n: int, size: int) -> list[Path]:
     """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts)."""
@@ -158,7 +164,7 @@ def main() -> None:
     def new_student() -> tuple[Student, torch.optim.Optimizer]:
         torch.manual_seed(0)
         net = build_model(args.arch, latent_size=args.resolution // 8)
-        s = Student(net, AlignConfig(teacher_dim=dim), latent_scale=0.18215).to(device)
+        s = Student(net, urepa(args.arch, dim), latent_scale=0.18215).to(device)
         if args.compile:
             s.net.compile()
         return s, torch.optim.AdamW(s.parameters(), lr=1e-4)
@@ -205,7 +211,7 @@ def main() -> None:
     print(f"cached/online: {cached['img_s'] / online['img_s']:.2f}x images/s")
     with torch.device("meta"):
         s_meta = Student(build_model(args.arch, latent_size=args.resolution // 8),
-                         AlignConfig(teacher_dim=dim), latent_scale=0.18215)
+                         urepa(args.arch, dim), latent_scale=0.18215)
         batch = {"moments": torch.randn(1, 8, args.resolution // 8, args.resolution // 8),
                  "label": torch.zeros(1, dtype=torch.long), "tokens": torch.randn(1, g * g, dim)}
     counter = FlopCounterMode(display=False)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -18,7 +19,7 @@ from conftest import tiny_run_config
 from pipeline.encoders import TINY_VAE_CONFIG, build_vae, weights_sha256
 from train.cli import main as train_main
 from train.config import load_config
-from train.generate import SampleSettings, all_labels
+from train.generate import block_generator
 from train.loop import train
 from train.vae import DecoderError
 
@@ -68,8 +69,9 @@ def test_sample_writes_pngs_grid_and_the_adm_npz(run_dir, tmp_path, capsys):
         arr, labels = z["arr_0"], z["arr_1"]
     assert arr.shape == (10, 64, 64, 3) and arr.dtype == np.uint8
     assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 1000
-    s = SampleSettings(num=10, batch_size=4, seed=0)
-    assert np.array_equal(labels, all_labels(s, 1000, "cpu"))
+    # block b's labels: the first draw of its generator, uniform over the classes
+    drawn = [torch.randint(1000, (4,), generator=block_generator(0, b, "cpu")) for b in range(3)]
+    assert np.array_equal(labels, torch.cat(drawn)[:10].numpy())
     assert sorted(p.name for p in (out / "images").iterdir()) == [
         f"{i:06d}.png" for i in range(10)]
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000007.png")), arr[7])

@@ -100,6 +100,16 @@ class Checkpoint:
         c = self.meta["config"]
         return {k: c[f"model.{k}"] for k in GEOMETRY_LIMITS}
 
+    def method(self):
+        """The recipe the checkpoint was trained with (train/methods/; a REPA-family file's
+        is REPA), which says what the backbone has besides the SiT."""
+        from .methods import method_from_config
+        try:
+            return method_from_config(self.meta["config"])
+        except (ValueError, TypeError) as e:   # ConfigError is a ValueError
+            raise CheckpointError(f"{self.path}: its config's method does not load: "
+                                  f"{str(e)[:300]}") from None
+
     def state(self, weights: str) -> dict[str, torch.Tensor]:
         if weights not in self.states:
             raise CheckpointError(f"{self.path} holds no {weights!r} weights (it has "
@@ -326,9 +336,11 @@ def read_checkpoint(path: str | Path, *, fmt: str = "auto", arch: str | None = N
 
 def load_backbone(path: str | Path, *, weights: str = "ema", fmt: str = "auto",
                   arch: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
-    """The backbone with its EMA (or trained) weights, in eval mode on the CPU."""
+    """The backbone, with what its method adds (ck.method()), and its EMA (or trained)
+    weights, in eval mode on the CPU."""
     ck = read_checkpoint(path, fmt=fmt, arch=arch, weights=(weights,))
     net = build_model(ck.arch, **ck.model_kwargs())
+    ck.method().extend(net)
     load_strict(net, ck.state(weights), f"{ck.path} ({weights} weights)")
     return net.eval().requires_grad_(False), ck
 
@@ -365,11 +377,14 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _expected(arch: str, geo: dict[str, int]) -> dict[str, tuple]:
-    """The state dict shapes of `arch` at that geometry, built on the meta device (no
-    memory, no init)."""
+def _expected(arch: str, geo: dict[str, int], method=None) -> dict[str, tuple]:
+    """The state dict shapes of `arch` at that geometry, with what `method` adds to it,
+    built on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        return _shapes(build_model(arch, **geo).state_dict())
+        net = build_model(arch, **geo)
+        if method is not None:
+            method.extend(net)
+        return _shapes(net.state_dict())
 
 
 def _key_problems(expected: dict[str, tuple], found: dict[str, tuple], name=lambda k: k,
@@ -593,14 +608,15 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, arch: str | None 
 
 
 # ------------------------------------------------------------------------ model.init_from
-def check_init(source: str | Path, arch: str, **geometry: int) -> Checkpoint:
+def check_init(source: str | Path, arch: str, method=None, **geometry: int) -> Checkpoint:
     """The checkpoint of `model.init_from`, after checking that its backbone fits the
-    run's model (`arch` at `geometry`); errors name the keys."""
+    run's model (`arch` at `geometry`, with what the run's `method` adds); errors name
+    the keys."""
     ck = read_checkpoint(source)
     if ck.arch != arch:
         raise CheckpointError(f"model.init_from={source} holds a {ck.arch} model; this run's "
                               f"model.arch is {arch}")
-    expected = _expected(arch, geometry)
+    expected = _expected(arch, geometry, method)
     for which, state in ck.states.items():
         problems = _key_problems(expected, _shapes(state))
         if problems:
@@ -611,12 +627,12 @@ def check_init(source: str | Path, arch: str, **geometry: int) -> Checkpoint:
 
 
 def init_from_checkpoint(source: str | Path, net: torch.nn.Module, ema: torch.nn.Module,
-                         projector: torch.nn.Module | None, arch: str,
+                         projector: torch.nn.Module | None, arch: str, method=None,
                          **geometry: int) -> str:
     """Load `source` into a new run's modules: the trained weights (else the EMA) into
     `net`, the EMA (else the trained weights) into `ema`, its projector into `projector`
     when the shapes fit. Returns the line that says what was taken."""
-    ck = check_init(source, arch, **geometry)
+    ck = check_init(source, arch, method, **geometry)
     trained = "model" if "model" in ck.states else "ema"
     averaged = "ema" if "ema" in ck.states else "model"
     load_strict(net, ck.states[trained], f"model.init_from={ck.path}")

@@ -82,7 +82,13 @@ def _sample_parser(sub) -> None:
     s.add_argument("--cfg", type=float, default=d.cfg,
                    help="guidance scale; 1 = none (U-REPA: 1.65, REPA: 1.8 with the interval)")
     s.add_argument("--interval", type=_interval, default=d.interval,
-                   help="guidance only for t in LO,HI (default 0,0.7)")
+                   help="guidance only for t in LO,HI (default: the method's, 0,0.7; REG "
+                        "0,0.85)")
+    s.add_argument("--cls-cfg", type=float, default=d.cls_cfg,
+                   help="REG: the guidance scale of the CLS stream (default: --cfg)")
+    s.add_argument("--bank", default=d.bank,
+                   help="GMem: the CLS bank to draw conditions from, a file of `pipeline "
+                        "bank` or a cache (default: the training cache, if still there)")
     s.add_argument("--mode", choices=("sde", "ode"), default=d.mode)
     s.add_argument("--steps", type=int, default=None, help="default 250 (sde), 50 (ode)")
     s.add_argument("--ode-method", choices=ODE_METHODS, default=d.ode_method)
@@ -114,6 +120,7 @@ def dry_run(cfg) -> None:
     from .checkpoint import check_init, checkpoints
     from .config import check_start, model_geometry, process_count
     from .data import check_cache
+    from .methods import build_method
 
     world = process_count()
     micro, accum = check_start(cfg, world)
@@ -124,10 +131,11 @@ def dry_run(cfg) -> None:
     if cfg.model.init_from and checkpoints(cfg.run_dir):
         print(f"would resume {cfg.run_dir}: model.init_from is not used")
     elif cfg.model.init_from:
-        ck = check_init(cfg.model.init_from, cfg.model.arch, **model_geometry(cfg))
+        method = build_method(cfg.align, cfg.method_args, cfg.model)
+        ck = check_init(cfg.model.init_from, cfg.model.arch, method, **model_geometry(cfg))
         print(f"would start from {ck.path} ({ck.format} checkpoint, step {ck.step}; "
               f"weights: {', '.join(sorted(ck.states))})")
-    print(f"would train {cfg.model.arch} (align {cfg.align.method}) for "
+    print(f"would train {cfg.model.arch} (method {cfg.align.method}) for "
           f"{cfg.max_steps:,} steps of {cfg.batch_size} = {world} process(es) x {micro} x "
           f"{accum} accumulation, {cfg.data.streams} data streams, into {cfg.run_dir}")
 
@@ -164,6 +172,7 @@ def sample(args: argparse.Namespace) -> int:
     try:
         s = SampleSettings(num=args.num, cfg=args.cfg, interval=args.interval, mode=args.mode,
                            steps=args.steps, ode_method=args.ode_method,
+                           cls_cfg=args.cls_cfg, bank=args.bank,
                            sde_last_step=args.sde_last_step, batch_size=args.batch_size,
                            seed=args.seed, weights=args.weights, vae=args.vae,
                            precision=args.precision, grid=args.grid, npz=args.npz)

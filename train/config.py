@@ -27,7 +27,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from .models import ARCHS
 from .models.projector import UPSAMPLE_MODES
 
-ALIGN_METHODS = ("urepa", "repa", "none")
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -65,7 +64,8 @@ class ModelConfig:
 
 @dataclass
 class AlignConfig:
-    method: str = "urepa"            # urepa: REPA + manifold loss; repa; none (plain SiT)
+    method: str = "urepa"            # a recipe of train/methods/: urepa (REPA + manifold
+    #                                  loss), repa, reg, erw, gmem, none (plain SiT), ...
     depth: Optional[int] = None      # block k (1-indexed) whose output is aligned; None:
     #                                  REPA's 8 (L/XL) or 4 (B), U-REPA's middle-stage centre
     weight: float = 0.25             # lambda: L = L_v + lambda * (L_REPA + w * L_ML);
@@ -77,8 +77,9 @@ class AlignConfig:
     teacher_dim: int = 768           # projector output; must equal the cache's token width
 
     def __post_init__(self) -> None:
-        if self.method not in ALIGN_METHODS:
-            raise _bad("align", "method", self.method, f"choose one of {ALIGN_METHODS}")
+        from .methods import METHODS
+        if self.method not in METHODS:
+            raise _bad("align", "method", self.method, f"choose one of {sorted(METHODS)}")
         if self.upsample not in UPSAMPLE_MODES:
             raise _bad("align", "upsample", self.upsample, f"choose one of {UPSAMPLE_MODES}")
         if self.depth is not None and self.depth < 1:
@@ -174,6 +175,9 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    method_args: dict[str, Any] = field(default_factory=dict)  # align.method's own options
+    #                                  (its Args dataclass in train/methods/), e.g. REG's
+    #                                  cls_weight; unset ones take the method's defaults
     seed: int = 0                    # model init, data order, and each step's draws
     batch_size: int = 256            # global batch per optimizer step
     micro_batch_size: Optional[int] = None  # per device per forward; None: batch / devices
@@ -331,7 +335,11 @@ def _check_shapes(data: dict, node: type, prefix: str, source: str) -> None:
         hint, name = hints.get(key), f"{prefix}{key}"
         if hint is None or (isinstance(value, str) and value.startswith("${")):
             continue  # unknown keys: OmegaConf names the valid ones; interpolations resolve later
-        if dataclasses.is_dataclass(hint):
+        if typing.get_origin(hint) is dict:   # method_args: its method checks the keys
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name}={value!r}: expected a mapping of the "
+                                  "method's options")
+        elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {name}={value!r}: expected a mapping of the keys "
                                   + ", ".join(f"{name}.{k}" for k in _valid_keys(hint)))
@@ -383,9 +391,32 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"required key(s) not set: {', '.join(missing)} "
                               + (f"({empty} is empty; " if empty else "(")
                               + "set them in the YAML or as key=value)")
-        return OmegaConf.to_object(cfg)
+        cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from None
+    cfg.method_args = method_args(cfg.align.method, cfg.method_args)
+    return cfg
+
+
+def method_args(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` checked against the Args dataclass of `method` (its keys, types and
+    ranges), with every default filled in, so that config.yaml records them all."""
+    from .methods import METHODS
+    schema = METHODS[method].Args
+    valid = _valid_keys(schema)
+    unknown = sorted(k for k in given if k not in valid)
+    if unknown:
+        raise ConfigError(f"method_args.{unknown[0]}: align.method={method} has no such "
+                          "option; " + (f"its options: {', '.join('method_args.' + k for k in valid)}"
+                                        if valid else "it has none"))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), given)
+        return dataclasses.asdict(OmegaConf.to_object(merged))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"method_args.{key}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:   # the Args dataclass's own range checks
+        raise ConfigError(f"method_args ({method}): {e}") from None
 
 
 def process_count() -> int:

@@ -6,14 +6,12 @@ mismatch is reported at once, each naming the cache's value and the config key.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from cache import CacheDataset, CacheLoader, LoaderConfig
-from cache.format import INDEX, LABEL, LATENT_SCALE, MOMENTS, TOKENS
+from cache.format import INDEX, LABEL, LATENT_SCALE, MOMENTS
 
 from .config import ConfigError, TrainConfig
-from .models import ARCHS, num_blocks
 
 
 @dataclass
@@ -24,11 +22,14 @@ class CacheCheck:
 
 
 def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:
-    """Compare the cache's manifest with the config. Raises ConfigError listing every
-    mismatch; returns the latent scale to apply and warnings (e.g. random-weight caches)."""
+    """Compare the cache's manifest with the config (and its method's needs). Raises
+    ConfigError listing every mismatch; returns the latent scale to apply and warnings
+    (e.g. random-weight caches)."""
+    from .methods import build_method
     spec, man = ds.spec, ds.manifest
     prov = man.get("provenance", {})
-    m, a = cfg.model, cfg.align
+    m = cfg.model
+    method = build_method(cfg.align, cfg.method_args, m)
     errors, warnings = [], []
     if spec.latent_channels != m.in_channels:
         errors.append(f"latent channels: cache {spec.latent_channels} vs "
@@ -43,20 +44,7 @@ def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:
     classes = prov.get("source", {}).get("num_classes")
     if classes is not None and classes > m.num_classes:
         errors.append(f"classes: cache has {classes} vs model.num_classes={m.num_classes}")
-    if a.method != "none":
-        patch = ARCHS[m.arch][1].get("patch", 2)  # every size here patches 2x2
-        grid = m.latent_size // patch
-        tgrid = math.isqrt(spec.tokens)
-        if tgrid * tgrid != spec.tokens or tgrid != grid:
-            errors.append(f"teacher tokens: cache {spec.tokens} per image vs the model's "
-                          f"{grid}x{grid} token grid ({m.arch} on {m.latent_size}x"
-                          f"{m.latent_size} latents); REPA aligns token n with token n")
-        if spec.token_dim != a.teacher_dim:
-            errors.append(f"teacher width: cache tokens are {spec.token_dim}-d vs "
-                          f"align.teacher_dim={a.teacher_dim} (the projector's output)")
-        blocks = num_blocks(m.arch)
-        if a.depth is not None and a.depth > blocks:
-            errors.append(f"align.depth={a.depth}: {m.arch} has {blocks} blocks")
+    errors += method.check_cache(spec, m.arch, m.latent_size)
     if errors:
         raise ConfigError(f"cache {ds.root} does not fit the config:\n  " + "\n  ".join(errors))
     if prov.get("random_weights"):
@@ -87,8 +75,9 @@ def make_loader(ds: CacheDataset, cfg: TrainConfig, *, rank: int, world_size: in
                 ) -> CacheLoader:
     """Per-rank loader of the rank's share of each global batch (batch_size / world_size
     samples: its streams' parts, see cache/loader.py); the trainer cuts it into
-    micro-batches. Teacher tokens are read only when aligning."""
-    fields = (MOMENTS, LABEL, INDEX) + ((TOKENS,) if cfg.align.method != "none" else ())
+    micro-batches. Teacher fields are read only as the method needs them."""
+    from .methods import METHODS
+    fields = (MOMENTS, LABEL, INDEX) + METHODS[cfg.align.method].fields
     streams = cfg.data.streams or world_size
     per_stream = cfg.batch_size // streams
     window = max(per_stream, cfg.data.shuffle_buffer // per_stream * per_stream)

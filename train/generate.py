@@ -7,9 +7,10 @@
       samples.npz            arr_0 uint8 [N, H, W, 3] and arr_1 int64 labels: the ADM
                              evaluation layout (guided-diffusion's evaluator reads arr_0)
 
-Sample i belongs to block b = i // batch_size. Block b's initial noise and SDE noise come
-from a generator seeded by (seed, b) and are always drawn for a whole block; labels are
-uniform over the classes from a generator seeded by (seed, b) too. So sample i depends on
+Sample i belongs to block b = i // batch_size. Block b's conditions, initial noise and SDE
+noise come from a generator seeded by (seed, b), in this order, and are always drawn for a
+whole block; conditions are the method's (train/methods/): labels uniform over the
+classes, or GMem's rows of the CLS bank; REG's state is the latent and its CLS token. So sample i depends on
 the checkpoint, the settings, the seed, the batch size and the device type, and not on
 the number of processes, on interruptions, or on --num. Process r of W takes blocks
 r, r + W, ...; a block whose PNGs all exist is skipped, which is how a rerun resumes.
@@ -32,6 +33,7 @@ import torch
 from cache.format import atomic_file, atomic_write_json
 
 from .checkpoint import load_backbone
+from .methods import Sampling
 from .sampling import ODE_METHODS, SDE_LAST_STEPS, Guidance, sample_ode, sample_sde
 from .vae import Decoder
 
@@ -50,7 +52,11 @@ class SampleError(ValueError):
 class SampleSettings:
     num: int = 50_000
     cfg: float = 1.0                    # 1: no guidance; U-REPA 1.65, REPA 1.8 (interval)
-    interval: tuple[float, float] = (0.0, 0.7)   # CFG only while lo <= t <= hi
+    interval: tuple[float, float] | None = None  # CFG only while lo <= t <= hi; None: the
+    #                                     method's ([0, 0.7]; REG [0, 0.85])
+    cls_cfg: float | None = None        # REG: the CLS stream's scale (None: cfg)
+    bank: str | None = None             # GMem: the CLS bank (pipeline bank) or a cache;
+    #                                     None: the training cache, if still there
     mode: str = "sde"                   # sde (every paper number) or ode
     steps: int | None = None            # None: 250 for sde, 50 for ode
     ode_method: str = "heun"
@@ -64,13 +70,17 @@ class SampleSettings:
     npz: bool = True
 
     def __post_init__(self) -> None:
-        self.interval = tuple(float(v) for v in self.interval)
+        if self.interval is not None:
+            self.interval = tuple(float(v) for v in self.interval)
         self.steps = self.steps or DEFAULT_STEPS.get(self.mode)
         checks = [
             (self.num >= 1, "num", "must be >= 1"),
             (math.isfinite(self.cfg) and self.cfg >= 1, "cfg", "must be >= 1"),
-            (len(self.interval) == 2 and 0 <= self.interval[0] <= self.interval[1] <= 1,
+            (self.interval is None or (len(self.interval) == 2
+                                       and 0 <= self.interval[0] <= self.interval[1] <= 1),
              "interval", "must be LO,HI with 0 <= LO <= HI <= 1"),
+            (self.cls_cfg is None or (math.isfinite(self.cls_cfg) and self.cls_cfg >= 1),
+             "cls_cfg", "must be >= 1"),
             (self.mode in MODES, "mode", f"choose one of {MODES}"),
             (self.ode_method in ODE_METHODS, "ode_method", f"choose one of {ODE_METHODS}"),
             (self.sde_last_step in SDE_LAST_STEPS, "sde_last_step",
@@ -102,36 +112,21 @@ def block_generator(seed: int, block: int, device: torch.device | str) -> torch.
         int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
 
 
-def draw_labels(generator: torch.Generator, n: int, num_classes: int) -> torch.Tensor:
-    """A block's labels: the first draw from its generator (uniform over the classes)."""
-    return torch.randint(num_classes, (n,), generator=generator, device=generator.device)
-
-
-def velocity_fn(net: torch.nn.Module, dtype: torch.dtype):
-    """v(x, t, y) of a backbone, autocast to `dtype` on its device, returned in fp32."""
-    def v(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out, _ = net(x, t, y)
-        return out.float()
-    return v
-
-
 @torch.no_grad()
-def sample_block(net: torch.nn.Module, s: SampleSettings, generator: torch.Generator,
-                 shape: tuple[int, int, int, int], num_classes: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_block(sampling: Sampling, s: SampleSettings, generator: torch.Generator,
+                 shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of `shape` [n, C, h, w] (scaled, as trained) and their labels; every random
-    draw (labels, then noise, then the SDE's) comes from `generator`."""
-    labels = draw_labels(generator, shape[0], num_classes)
-    noise = torch.randn(shape, generator=generator, device=generator.device)
-    v = velocity_fn(net, PRECISIONS[s.precision])
-    g = Guidance(scale=s.cfg, null_label=num_classes, interval=s.interval)
+    draw (the conditions, then the initial state, then the SDE's) comes from `generator`."""
+    cond = sampling.condition(generator, shape[0])
+    x = sampling.initial(generator, shape)
+    g = Guidance(scale=sampling.scale(x), null_label=sampling.null, interval=sampling.interval)
     if s.mode == "sde":
-        z = sample_sde(v, noise, labels, steps=s.steps, guidance=g, generator=generator,
-                       last_step=s.sde_last_step)
+        x = sample_sde(sampling.velocity, x, cond, steps=s.steps, guidance=g,
+                       generator=generator, last_step=s.sde_last_step)
     else:
-        z = sample_ode(v, noise, labels, steps=s.steps, method=s.ode_method, guidance=g)
-    return z, labels
+        x = sample_ode(sampling.velocity, x, cond, steps=s.steps, method=s.ode_method,
+                       guidance=g)
+    return sampling.latent(x), sampling.labels(cond)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -152,18 +147,22 @@ class Preview:
     """The sample grids of `preview.every` during training: the EMA model on one fixed
     batch of noise and labels (the same every time, so grids compare across steps)."""
 
-    def __init__(self, p, *, cache: dict, latent_scale: float, shape: tuple[int, int, int],
-                 num_classes: int, seed: int, device: torch.device, precision: str):
+    def __init__(self, p, *, method, cache: dict, latent_scale: float,
+                 shape: tuple[int, int, int], num_classes: int, seed: int,
+                 device: torch.device, precision: str, bank: str | None = None):
         self.settings = SampleSettings(num=p.num, cfg=p.cfg, mode=p.mode, steps=p.steps,
                                        batch_size=p.num, seed=seed, vae=p.vae,
-                                       precision=precision)
+                                       precision=precision, bank=bank)
         self.decoder = Decoder(p.vae, cache, scale=latent_scale, device=device,
                                where=f"cache {cache.get('root')} (its manifest's provenance)")
-        self.shape, self.num_classes, self.device = (p.num, *shape), num_classes, device
+        self.method, self.num_classes, self.device = method, num_classes, device
+        self.shape = (p.num, *shape)
 
     def __call__(self, net: torch.nn.Module, path: Path) -> None:
         gen = block_generator(self.settings.seed, 0, self.device)
-        z, _ = sample_block(net, self.settings, gen, self.shape, self.num_classes)
+        sampling = self.method.sampling(net, self.settings, num_classes=self.num_classes,
+                                        dtype=PRECISIONS[self.settings.precision])
+        z, _ = sample_block(sampling, self.settings, gen, self.shape)
         save_grid(path, self.decoder(z))
 
 
@@ -225,16 +224,21 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(out)
     net, ck = load_backbone(source, weights=s.weights, fmt=checkpoint_format, arch=arch)
+    method = ck.method()
     cfg, meta, geo = ck.meta["config"], ck.meta, ck.model_kwargs()
+    if s.bank is None and method.name == "gmem":   # the cache that trained it, if still there
+        s = dataclasses.replace(s, bank=meta.get("cache", {}).get("root"))
     num_classes, size = geo["num_classes"], geo["latent_size"]
     shape = (s.batch_size, geo["in_channels"], size, size)
     warnings = []
     if s.cfg > 1 and float(cfg.get("model.label_dropout", 0.1)) == 0:
         warnings.append("cfg > 1 with a model trained without label dropout: its null class "
                         "was never trained, guidance is meaningless")
+    sampling = method.sampling(net, s, num_classes=num_classes, dtype=PRECISIONS[s.precision])
     record = {"checkpoint": str(ck.path.absolute()), "checkpoint_format": ck.format,
-              "arch": ck.arch, "step": ck.step, **dataclasses.asdict(s),
-              "interval": list(s.interval)}
+              "arch": ck.arch, "step": ck.step, "method": method.name,
+              **dataclasses.asdict(s), "interval": list(sampling.interval),
+              **sampling.record()}
     _check_settings(out, record)        # every process, before the main one rewrites it
     state.wait_for_everyone()
     if state.is_main_process:
@@ -251,8 +255,9 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
             log(f"WARNING: {w}")
         kind = "" if ck.format == "ours" else f"{ck.format.upper()}-format checkpoint, "
         log(f"sampling {s.num:,} images from {ck.path} ({kind}step {ck.step}, {s.weights} "
-            f"weights, {ck.arch}): {s.mode} {s.steps} steps, cfg {s.cfg} on "
-            f"t in [{s.interval[0]}, {s.interval[1]}], {state.num_processes} process(es) x "
+            f"weights, {ck.arch}, {method.name}): {s.mode} {s.steps} steps, cfg {s.cfg} on "
+            f"t in [{sampling.interval[0]}, {sampling.interval[1]}], "
+            f"{state.num_processes} process(es) x "
             f"batch {s.batch_size}; decoder: {decoder.source}")
     net.to(dev)
 
@@ -262,7 +267,7 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
                        for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.num)))]
     t0, made = time.perf_counter(), 0
     for b in tqdm(mine, disable=not state.is_main_process, unit="batch", dynamic_ncols=True):
-        z, _ = sample_block(net, s, block_generator(s.seed, b, dev), shape, num_classes)
+        z, _ = sample_block(sampling, s, block_generator(s.seed, b, dev), shape)
         n = min(s.batch_size, s.num - b * s.batch_size)   # a last block draws in full too
         for k, img in enumerate(decoder(z[:n]).numpy()):
             save_png(_image_path(out, b * s.batch_size + k), img)
@@ -278,13 +283,16 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
             np.stack([_load_png(_image_path(out, i)) for i in range(g)])))
         summary["grid"] = str(out / "grid.png")
     if s.npz:
-        write_npz(out / "samples.npz", out, s.num, all_labels(s, num_classes, str(dev)))
+        write_npz(out / "samples.npz", out, s.num, all_labels(s, sampling))
         summary["npz"] = str(out / "samples.npz")
     return summary
 
 
-def all_labels(s: SampleSettings, num_classes: int, device: str) -> np.ndarray:
-    """The labels of samples 0..num-1, drawn again as sample_block drew them."""
-    out = [draw_labels(block_generator(s.seed, b, device), s.batch_size, num_classes).cpu()
+def all_labels(s: SampleSettings, sampling: Sampling) -> np.ndarray:
+    """The labels of samples 0..num-1, their conditions drawn again as sample_block drew
+    them (on the device the samples were made on: the draws depend on it)."""
+    device = sampling.device
+    out = [sampling.labels(sampling.condition(block_generator(s.seed, b, device),
+                                              s.batch_size)).cpu()
            for b in range(math.ceil(s.num / s.batch_size))]
     return torch.cat(out)[: s.num].numpy()

@@ -47,8 +47,8 @@ from .checkpoint import (CHECKPOINT_FILES, CheckpointError, checkpoints, choose_
                          init_from_checkpoint, resume_run, save_run_checkpoint)
 from .config import ConfigError, TrainConfig, check_start, flatten, model_geometry, to_yaml
 from .data import cache_info, check_cache, make_loader
-from .models import build_model
-from .step import Student, step_draws, stream_seed
+from .methods import METHODS
+from .step import Student, build_generator, stream_seed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.run_dir).absolute()
@@ -140,8 +140,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
+    # a method whose steps leave some parameters without a gradient (ERW's warm-up trains
+    # the first blocks only) needs DDP to look for them
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=METHODS[cfg.align.method].partial_graph)
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
-                      log_with="tensorboard" if cfg.tensorboard else None)
+                      log_with="tensorboard" if cfg.tensorboard else None,
+                      kwargs_handlers=[ddp])
     main = acc.is_main_process
     say = log if main else (lambda _msg: None)
     if main:
@@ -153,16 +158,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
 
     set_seed(cfg.seed)  # identical initial weights on every rank
     m = cfg.model
-    net = build_model(m.arch, **model_geometry(cfg), label_dropout=m.label_dropout,
-                      checkpointing=m.checkpointing)
-    student = Student(net, cfg.align, latent_scale=check.latent_scale)
+    net, method = build_generator(cfg)
+    student = Student(net, method, latent_scale=check.latent_scale)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     if m.init_from and not checkpoints(run_dir):   # a resume has its own weights
-        say(init_from_checkpoint(m.init_from, net, ema, student.projector, m.arch,
-                                 **model_geometry(cfg)))
+        say(init_from_checkpoint(m.init_from, net, ema, getattr(student, "projector", None),
+                                 m.arch, method, **model_geometry(cfg)))
     n_params = sum(p.numel() for p in net.parameters())
-    say(f"model {m.arch}: {n_params / 1e6:.1f}M parameters; align {cfg.align.method}"
-        + (f" at block {student.depth}" if student.depth else "")
+    say(f"model {m.arch}: {n_params / 1e6:.1f}M parameters; method {method.describe(net)}"
         + f"; global batch {cfg.batch_size} = {world} process(es) x {micro} x {accum} "
         f"accumulation, {cfg.data.streams} data streams; {cfg.mixed_precision} autocast")
     o = cfg.optim
@@ -178,7 +181,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     preview = None
     if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
         from .generate import Preview
-        preview = Preview(cfg.preview, cache=cache_info(ds), latent_scale=check.latent_scale,
+        preview = Preview(cfg.preview, method=method, bank=cfg.data.cache,
+                          cache=cache_info(ds), latent_scale=check.latent_scale,
                           shape=(m.in_channels, m.latent_size, m.latent_size),
                           num_classes=m.num_classes, seed=cfg.seed, device=acc.device,
                           precision="bf16" if cfg.mixed_precision == "bf16" else "fp32")
@@ -216,6 +220,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     last: dict[str, Any] = {}
     student.train()
     while state.step < cfg.max_steps:
+        change = method.phase_change(state.step)
+        if change:   # the same step on every rank, and again after a resume from it
+            _enter_phase(change, opt, ema, inner, state.step, say)
         t_step = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         batch = next(batches)                      # this process's share of the global batch
@@ -227,15 +234,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         parts = []
         for stream in loader.own:                  # each stream's draws, in batch order
             draw_gen.manual_seed(stream_seed(cfg.seed, state.step, stream))
-            parts.append(step_draws(per_stream, tuple(batch[MOMENTS].shape[1:]),
-                                    m.label_dropout, generator=draw_gen, device=acc.device))
+            parts.append(method.draws(per_stream, tuple(batch[MOMENTS].shape[1:]),
+                                      generator=draw_gen, device=acc.device))
         draws = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for k in range(accum):
             part = slice(k * micro, (k + 1) * micro)
             sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)
             with sync:
                 out = student({n: v[part] for n, v in batch.items()},
-                              {n: v[part] for n, v in draws.items()})
+                              {n: v[part] for n, v in draws.items()}, state.step)
                 acc.backward(out["loss"] / accum)
             for name, v in out.items():
                 sums[name] = sums.get(name, 0.0) + v.detach().float() / accum
@@ -290,6 +297,19 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     bar.close()
     acc.end_training()
     return last if main else {}
+
+
+def _enter_phase(change, opt, ema: torch.nn.Module, net: torch.nn.Module, step: int,
+                 say: Callable[[str], None]) -> None:
+    """A method's phase boundary (ERW's end of warm-up): fresh AdamW moments, the EMA set
+    to the current weights, as the method asks."""
+    if change.reset_optimizer:
+        getattr(opt, "optimizer", opt).state.clear()   # accelerate wraps the optimizer
+    if change.reset_ema:
+        ema.load_state_dict(net.state_dict())
+    say(f"step {step + 1}: phase {change.name}"
+        + ("; optimizer state reset" if change.reset_optimizer else "")
+        + ("; EMA reset to the weights" if change.reset_ema else ""))
 
 
 def _log_samples(acc, path: Path, step: int, indices: torch.Tensor) -> None:

@@ -169,7 +169,7 @@ def _read_repa(path: Path, arch: str | None, weights: tuple[str, ...]) -> Checkp
                        "model.in_channels": geo["in_channels"],
                        "model.num_classes": geo["num_classes"],
                        "model.label_dropout": dropout if type(dropout) is float else 0.1,
-                       "align.depth": args.get("encoder_depth")},
+                       "align.method": "repa", "align.depth": args.get("encoder_depth")},
             "latent_scale": LATENT_SCALE,   # REPA's fixed SD-VAE scale, bias 0
             "cache": {}, "source_args": args}
     projector = projectors.get("model") or projectors.get("ema")   # the trained one first

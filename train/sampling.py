@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -36,21 +36,27 @@ ODE_METHODS = ("heun", "euler")
 SDE_LAST_STEPS = ("drift", "denoise")
 
 
+Null = Union[int, Callable[[torch.Tensor], torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance: `scale` (1: none), the null label of the unconditional
-    branch, and the interval of t in which it acts ([0, 0.7] in the papers)."""
-    scale: float = 1.0
-    null_label: int = 1000
+    """Classifier-free guidance: `scale` (1: none; a tensor broadcast over the state when
+    its streams have their own scales, as REG's latent and CLS), the null condition of
+    the unconditional branch (a label, or a function of the conditions, e.g. GMem's zero
+    vector), and the interval of t in which it acts ([0, 0.7] in the papers)."""
+    scale: float | torch.Tensor = 1.0
+    null_label: Null = 1000
     interval: tuple[float, float] = (0.0, 1.0)
 
     def active(self, t_cur: float) -> bool:
         """Whether the step that starts at `t_cur` (a float64 grid value) is guided."""
         lo, hi = self.interval
-        return self.scale > 1.0 and lo <= t_cur <= hi
+        top = float(self.scale.max()) if torch.is_tensor(self.scale) else self.scale
+        return top > 1.0 and lo <= t_cur <= hi
 
-    def null(self, t_cur: float) -> int | None:
-        """The null label for the calls of the step that starts at `t_cur`, if guided."""
+    def null(self, t_cur: float) -> Null | None:
+        """The null condition for the calls of the step that starts at `t_cur`, if guided."""
         return self.null_label if self.active(t_cur) else None
 
 
@@ -58,17 +64,18 @@ NO_GUIDANCE = Guidance()
 
 
 def _evaluate(velocity: Velocity, x: torch.Tensor, t: float, y: torch.Tensor,
-              null: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The model's velocity at (x, t) in float64: (conditional,), or with a `null` label
-    (conditional, unconditional) from one call on [x; x] with [y; null]."""
+              null: Null | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The model's velocity at (x, t) in float64: (conditional,), or with a `null`
+    condition (conditional, unconditional) from one call on [x; x] with [y; null]."""
     if null is not None:
-        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null)])
+        y_null = null(y) if callable(null) else torch.full_like(y, null)
+        x, y = torch.cat([x, x]), torch.cat([y, y_null])
     t_in = torch.full((len(x),), t, dtype=dtype, device=x.device)
     v = velocity(x.to(dtype), t_in, y).to(torch.float64)
     return (v,) if null is None else v.chunk(2)
 
 
-def _combine(parts: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+def _combine(parts: Sequence[torch.Tensor], scale: float | torch.Tensor) -> torch.Tensor:
     """u + s (c - u) of (c, u), or c alone."""
     if len(parts) == 1:
         return parts[0]

@@ -2,12 +2,10 @@
 
     moments [B, 2C, h, w] (cache) -> z = (mean + std * eps) * scale       (sampled anew each step)
     t ~ U(0, 1), x_t = (1 - t) z + t n, target v = n - z
-    v_pred, hidden_k = model(x_t, t, y)
-    L_v = mean (v_pred - v)^2
-    REPA:   L = L_v + lambda * L_REPA(proj(hidden_k), teacher tokens)
-    U-REPA: L = L_v + lambda * (L_REPA + w * L_ML)          (proj = MLP on 8x8, then x2)
+    the method's terms (train/methods/): L_v, and REPA's, U-REPA's, REG's ... on top
 
-`Student` holds the trained modules (backbone + projector) and returns the loss terms
+`Student` holds the trained modules (the backbone with the parts the method adds to it,
+and the method's training-only heads, e.g. the projector) and returns the loss terms
 from its forward, so DDP sees one module and one forward per micro-batch.
 """
 
@@ -17,23 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cache.format import LABEL, MOMENTS, TOKENS
+from cache.format import MOMENTS
 
-from .config import AlignConfig
-from .losses import flow_loss, interpolate, manifold_loss, repa_loss
-from .models import Projector
+from .methods import Method, build_method, step_draws
+from .models import build_model
 
-
-def step_draws(n: int, moments_shape: tuple[int, ...], label_dropout: float, *,
-               generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
-    """Every random draw of a training step for n samples: posterior noise `eps`, time `t`,
-    path noise `noise` and the label-drop mask `drop`, in this order from `generator`
-    (the device's global generator when None)."""
-    c2, h, w = moments_shape
-    shape = (n, c2 // 2, h, w)
-    kw = dict(generator=generator, device=device)
-    return {"eps": torch.randn(shape, **kw), "t": torch.rand(n, **kw),
-            "noise": torch.randn(shape, **kw), "drop": torch.rand(n, **kw) < label_dropout}
+__all__ = ["Student", "build_generator", "step_draws", "stream_seed"]
 
 
 def stream_seed(seed: int, step: int, stream: int) -> int:
@@ -42,47 +29,38 @@ def stream_seed(seed: int, step: int, stream: int) -> int:
                >> np.uint64(1))
 
 
-class Student(nn.Module):
-    """The backbone plus, for REPA/U-REPA, the projector onto the teacher's tokens."""
+def build_generator(cfg) -> tuple[nn.Module, Method]:
+    """The backbone of cfg.model with what cfg's method adds to it (the module the EMA
+    follows and `train sample` loads), and the method."""
+    m = cfg.model
+    net = build_model(m.arch, latent_size=m.latent_size, in_channels=m.in_channels,
+                      num_classes=m.num_classes, label_dropout=m.label_dropout,
+                      checkpointing=m.checkpointing)
+    method = build_method(cfg.align, cfg.method_args, m)
+    method.extend(net)
+    return net, method
 
-    def __init__(self, net: nn.Module, align: AlignConfig, *, latent_scale: float):
+
+class Student(nn.Module):
+    """The generator (backbone + the method's parts) and the method's training heads."""
+
+    def __init__(self, net: nn.Module, method: Method, *, latent_scale: float):
         super().__init__()
-        self.net, self.align, self.latent_scale = net, align, latent_scale
-        self.depth = None
-        self.projector = None
-        if align.method != "none":
-            self.depth = align.depth or net.default_align_depth
-            self.projector = Projector(net.dim, align.teacher_dim, align.projector_dim,
-                                       upsample=align.upsample)
+        self.net, self.method, self.latent_scale = net, method, latent_scale
+        self.depth = method.depth(net)
+        for name, module in method.heads(net).items():
+            self.add_module(name, module)
 
     def forward(self, batch: dict[str, torch.Tensor],
-                draws: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one micro-batch: loss (the total), loss_v, and with alignment
-        loss_repa and (U-REPA) loss_ml. `draws` (step_draws) holds the random draws; the
-        trainer makes them per stream and step, so that they belong to the sample's place
-        in the global batch whatever the number of processes. Without them they come from
-        the device's global generator."""
-        moments = batch[MOMENTS]
+                draws: dict[str, torch.Tensor] | None = None, step: int = 0
+                ) -> dict[str, torch.Tensor]:
+        """Loss terms of one micro-batch at step `step` (0-based): loss (the total), loss_v
+        and the method's. `draws` (Method.draws) holds the random draws; the trainer makes
+        them per stream and step, so that they belong to the sample's place in the global
+        batch whatever the number of processes. Without them they come from the device's
+        global generator."""
         if draws is None:
-            draws = step_draws(len(moments), tuple(moments.shape[1:]),
-                               self.net.y_embedder.dropout,
-                               device=moments.device)
-        mean, std = moments.float().chunk(2, dim=1)
-        x0 = (mean + std * draws["eps"]) * self.latent_scale               # [B, C, h, w]
-        t = draws["t"]                                                     # [B]
-        xt, v = interpolate(x0, draws["noise"], t)
-        v_pred, hidden = self.net(xt, t, batch[LABEL], align_depth=self.depth,
-                                  label_drop=draws["drop"])
-        out = {"loss_v": flow_loss(v_pred, v)}
-        total = out["loss_v"]
-        if self.projector is not None:
-            y = batch[TOKENS]                                              # [B, N, 768]
-            h = self.projector(hidden, out_tokens=y.shape[1])              # [B, N, 768]
-            out["loss_repa"] = repa_loss(h, y)
-            align = out["loss_repa"]
-            if self.align.method == "urepa":
-                out["loss_ml"] = manifold_loss(h, y, pooled=self.align.manifold_pooled)
-                align = align + self.align.manifold_weight * out["loss_ml"]
-            total = total + self.align.weight * align
-        out["loss"] = total
-        return out
+            moments = batch[MOMENTS]
+            draws = self.method.draws(len(moments), tuple(moments.shape[1:]),
+                                      device=moments.device)
+        return self.method.loss(self, batch, draws, step)

@@ -32,14 +32,16 @@ class Projector(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, h: torch.Tensor, out_tokens: int) -> torch.Tensor:
-        """h [B, N, D] student tokens -> [B, out_tokens, out_dim] on the teacher's grid."""
+    def forward(self, h: torch.Tensor, out_tokens: int, prefix: int = 0) -> torch.Tensor:
+        """h [B, N, D] student tokens -> [B, out_tokens, out_dim] on the teacher's grid.
+        The first `prefix` tokens (a method's extra tokens, e.g. REG's CLS) are on no grid:
+        projected, never resized."""
         z = self.mlp(h)                                                    # [B, N, out_dim]
         b, n, d = z.shape
         if n == out_tokens:
             return z
-        g, g_out = math.isqrt(n), math.isqrt(out_tokens)
-        grid = z.transpose(1, 2).reshape(b, d, g, g)                       # [B, out_dim, g, g]
+        g, g_out = math.isqrt(n - prefix), math.isqrt(out_tokens - prefix)
+        grid = z[:, prefix:].transpose(1, 2).reshape(b, d, g, g)           # [B, out_dim, g, g]
         kw = {} if self.upsample == "nearest" else {"align_corners": False}
         grid = F.interpolate(grid, size=(g_out, g_out), mode=self.upsample, **kw)
-        return grid.flatten(2).transpose(1, 2)                             # [B, out_tokens, out_dim]
+        return torch.cat([z[:, :prefix], grid.flatten(2).transpose(1, 2)], dim=1)

@@ -123,9 +123,23 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The modulated final norm of every token, before the output projection."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))          # [B, N, p*p*C]
+        return modulate(self.norm(x), shift, scale)                        # [B, N, D]
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))                            # [B, N, p*p*C]
+
+
+def head_out(final_layer: FinalLayer, h: torch.Tensor, c: torch.Tensor, prefix: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final layer on the grid tokens of h, and the normed prefix tokens (the first
+    `prefix`, which a method's own head reads) or None without them."""
+    if not prefix:
+        return final_layer(h, c), None
+    f = final_layer.features(h, c)
+    return final_layer.linear(f[:, prefix:]), f[:, :prefix]
 
 
 def initialize_sit_weights(model: nn.Module) -> None:
@@ -173,12 +187,22 @@ class SiT(nn.Module):
         return unpatchify(x, self.patch, self.in_channels, self.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                align_depth: int | None = None, label_drop: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels (num_classes = null).
-        Returns the velocity [B, C, H, W] and, if align_depth = k, the hidden state output
-        by block k (1-indexed) [B, N, D]."""
+                align_depth: int | None = None, label_drop: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None, stop_after: int | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels (num_classes = null;
+        a method may swap y_embedder for another condition). Returns the velocity
+        [B, C, H, W] and, if align_depth = k, the hidden state output by block k
+        (1-indexed) [B, N, D].
+
+        A method's hooks: `prefix` [B, P, D] tokens are prepended to the patch tokens with
+        a zero position (REG's CLS token); the return value is then (velocity, hidden,
+        the prefix tokens' normed final features [B, P, D]) and hidden has P + N tokens.
+        `stop_after` = k returns (None, hidden) after block k (ERW's truncated warm-up)."""
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        p = 0 if prefix is None else prefix.shape[1]
+        if p:
+            h = torch.cat([prefix.to(h.dtype), h], dim=1)                  # [B, P + N, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.training, label_drop)  # [B, D]
         hidden = None
         for k, block in enumerate(self.blocks, start=1):
@@ -188,7 +212,10 @@ class SiT(nn.Module):
                 h = block(h, c)
             if k == align_depth:
                 hidden = h
-        return self.unpatchify(self.final_layer(h, c)), hidden
+            if k == stop_after:
+                return None, hidden
+        out, pre = head_out(self.final_layer, h, c, p)
+        return (self.unpatchify(out), hidden) + ((pre,) if p else ())
 
 
 SIT_SIZES: dict[str, dict] = {

@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_sit_weights,
-                  modulate, unpatchify)
+from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, head_out,
+                  initialize_sit_weights, modulate, unpatchify)
 
 
 def rope_2d(head_dim: int, grid: int, *, stride: float = 1.0, offset: float = 0.0,
@@ -129,6 +129,24 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)                                    # [B, g*g, D]
 
 
+def on_grid(fn, h: torch.Tensor, p: int) -> torch.Tensor:
+    """fn (a [B, D, g, g] -> [B, D, g', g'] transition) on the grid tokens of h; the
+    first p (prefix) tokens pass unchanged."""
+    out = to_tokens(fn(to_grid(h[:, p:])))
+    return torch.cat([h[:, :p], out], dim=1) if p else out
+
+
+def with_prefix(rope: tuple[torch.Tensor, torch.Tensor], p: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables with p leading rows that rotate nothing (cos 1, sin 0): the prefix
+    tokens' zero position."""
+    if not p:
+        return rope
+    cos, sin = rope
+    return (torch.cat([cos.new_ones(p, cos.shape[1]), cos]),
+            torch.cat([sin.new_zeros(p, sin.shape[1]), sin]))
+
+
 class SiTDown(nn.Module):
     def __init__(self, *, stages: tuple[int, int, int], dim: int, heads: int, patch: int = 2,
                  latent_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -175,30 +193,42 @@ class SiTDown(nn.Module):
         return block(h, c, cos, sin)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                align_depth: int | None = None, label_drop: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                align_depth: int | None = None, label_drop: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None, stop_after: int | None = None
+                ) -> tuple[torch.Tensor, ...]:
         """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels. Returns the velocity
         and, if align_depth = k, the hidden state output by block k (1-indexed) [B, N_k, D]
-        (N_k = 64 inside the middle stage at 256 px, else 256)."""
+        (N_k = 64 inside the middle stage at 256 px, else 256).
+
+        `prefix` and `stop_after` as SiT's (a method's hooks). Prefix tokens have no grid
+        position: RoPE leaves them unrotated, the down/up convolutions and the output conv
+        pass them unchanged, and the long skip fuses each with its stage-1 self through
+        the same Linear(2D -> D) as the grid tokens (docs/training.md, composition)."""
         n1, n2, _ = self.stages
-        fine = (self.rope_fine_cos, self.rope_fine_sin)
-        coarse = (self.rope_coarse_cos, self.rope_coarse_sin)
+        p = 0 if prefix is None else prefix.shape[1]
+        fine = with_prefix((self.rope_fine_cos, self.rope_fine_sin), p)
+        coarse = with_prefix((self.rope_coarse_cos, self.rope_coarse_sin), p)
         h = to_tokens(self.x_embedder(x))                                  # [B, 256, D]
+        if p:
+            h = torch.cat([prefix.to(h.dtype), h], dim=1)                  # [B, P + 256, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.training, label_drop)  # [B, D]
         hidden = skip = None
         for k, block in enumerate(self.blocks, start=1):
             if k == n1 + 1:                                                # 16x16 -> 8x8
                 skip = h
-                h = to_tokens(self.down(to_grid(h)))                       # [B, 64, D]
+                h = on_grid(self.down, h, p)                               # [B, P + 64, D]
             elif k == n1 + n2 + 1:                                         # 8x8 -> 16x16
-                h = to_tokens(self.up(to_grid(h)))                         # [B, 256, D]
-                h = self.skip(torch.cat([h, skip], dim=-1))                # [B, 256, D]
+                h = on_grid(self.up, h, p)                                 # [B, P + 256, D]
+                h = self.skip(torch.cat([h, skip], dim=-1))                # [B, P + 256, D]
             h = self._run(block, h, c, *(coarse if n1 < k <= n1 + n2 else fine))
             if k == align_depth:
                 hidden = h
-        h = to_tokens(self.out_conv(to_grid(h)))                           # [B, 256, D]
-        out = self.final_layer(h, c)                                       # [B, 256, p*p*C]
-        return unpatchify(out, self.patch, self.in_channels, self.grid), hidden
+            if k == stop_after:
+                return None, hidden
+        h = on_grid(self.out_conv, h, p)                                   # [B, P + 256, D]
+        out, pre = head_out(self.final_layer, h, c, p)                     # [B, 256, p*p*C]
+        v = unpatchify(out, self.patch, self.in_channels, self.grid)
+        return (v, hidden) + ((pre,) if p else ())
 
 
 SIT_DOWN_SIZES: dict[str, dict] = {
