@@ -37,9 +37,10 @@ def make_cache(tmp_path):
 
 
 def write_structured_cache(root, spec: CacheSpec):
-    """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std)
-    and teacher tokens that are a fixed function of that pattern (spec: 4 latent channels,
-    tokens = (latent_size / 2)^2, one view)."""
+    """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std),
+    teacher tokens that are a fixed function of that pattern, and a CLS token that is the
+    class's own vector plus a little noise (spec: 4 latent channels, tokens =
+    (latent_size / 2)^2, one view)."""
     from cache import create_cache, finalize_cache
     rng = np.random.default_rng(0)
     n, s, t, d = spec.num_samples, spec.latent_size, spec.tokens, spec.token_dim
@@ -48,13 +49,14 @@ def write_structured_cache(root, spec: CacheSpec):
     labels = np.arange(n) % 4
     mean = patterns[labels] + rng.standard_normal((n, 4, s, s)).astype(np.float32)
     g = s // 2
+    cls = rng.standard_normal((4, d))[labels] + 0.1 * rng.standard_normal((n, d))   # [n, d]
     patches = mean.reshape(n, 4, g, 2, g, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, 16)
     w = create_cache(root, spec, {"random_weights": True, "dataset": "structured"})
     for k in w.pending_shards():
         a, b = spec.shard_range(k)
         w.write_shard(k, {
             "moments": np.concatenate([mean[a:b], np.full_like(mean[a:b], 0.5)], 1)[:, None],
-            "tokens": (patches[a:b] @ proj)[:, None], "cls": np.zeros((b - a, 1, d)),
+            "tokens": (patches[a:b] @ proj)[:, None], "cls": cls[a:b, None],
             "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)]})
     finalize_cache(root)
     return root
