@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -47,7 +48,7 @@ from .checkpoint import (CHECKPOINT_FILES, CheckpointError, checkpoints, choose_
                          init_from_checkpoint, resume_run, save_run_checkpoint)
 from .config import ConfigError, TrainConfig, check_start, flatten, model_geometry, to_yaml
 from .data import cache_info, check_cache, make_loader
-from .methods import METHODS
+from .methods import METHODS, Method
 from .step import Student, build_generator, stream_seed
 
 
@@ -119,12 +120,54 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between steps (built by `setup`)."""
+    cfg: TrainConfig
+    run_dir: Path
+    acc: Any                          # accelerate.Accelerator
+    method: Method
+    student: torch.nn.Module          # prepared (DDP on many processes)
+    ema: torch.nn.Module
+    opt: Any                          # prepared AdamW
+    loader: Any                       # cache.CacheLoader
+    state: TrainState
+    micro: int                        # micro-batch per process
+    accum: int                        # micro-batches per step
+    meta: dict[str, Any]              # checkpoint.json's description of the run
+    say: Callable[[str], None]        # log on the main process only
+    preview: Any = None               # generate.Preview on the main process, when asked
+    metrics: Any = None               # Metrics
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The generator being trained (unwrapped), the module the EMA follows."""
+        return self.acc.unwrap_model(self.student).net
+
+
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
+    run = setup(cfg, log)
+    resume(run)
+    batches = _batches(run.loader)
+    run.student.train()
+    while run.state.step < cfg.max_steps:
+        change = run.method.phase_change(run.state.step)
+        if change:   # the same step on every rank, and again after a resume from it
+            _enter_phase(change, run.opt, run.ema, run.net, run.state.step, run.say)
+        terms, timing = train_step(run, batches)
+        after_step(run, terms, timing)
+    run.metrics.close()
+    run.acc.end_training()
+    return run.metrics.last if run.acc.is_main_process else {}
+
+
+def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
+    """Check the config and the cache, start accelerate, build the method's student, its
+    EMA, AdamW and the loader; write config.yaml. Nothing is resumed yet."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
 
     run_dir = Path(cfg.run_dir).absolute()
     # without a GPU, accelerate starts torch.distributed (gloo) only when told cpu=True
@@ -176,13 +219,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     student, opt = acc.prepare(student, opt)
     ema.to(acc.device)
     loader = make_loader(ds, cfg, rank=acc.process_index, world_size=world)
-    state = TrainState(loader)
-
-    preview = None
+    meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
+            "files": CHECKPOINT_FILES, "cache": cache_info(ds)}   # what `train sample` reads
+    run = Run(cfg, run_dir, acc, method, student, ema, opt, loader, TrainState(loader),
+              micro, accum, meta, say)
     if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
         from .generate import Preview
         preview = Preview(cfg.preview, method=method, bank=cfg.data.cache,
-                          cache=cache_info(ds), latent_scale=check.latent_scale,
+                          cache=meta["cache"], latent_scale=check.latent_scale,
                           shape=(m.in_channels, m.latent_size, m.latent_size),
                           num_classes=m.num_classes, seed=cfg.seed, device=acc.device,
                           precision="bf16" if cfg.mixed_precision == "bf16" else "fp32")
@@ -190,113 +234,156 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
             say(f"WARNING: {w}")
         say(f"preview grids every {cfg.preview.every} steps in {run_dir / 'samples'}, "
             f"decoder: {preview.decoder.source}")
-        preview = preview if main else None
-
+        run.preview = preview if main else None
     set_seed(cfg.seed + acc.process_index)  # the steps' draws use their own generators
-    ckpt = choose_checkpoint(acc, run_dir, say)   # the same on every rank
+    return run
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest complete checkpoint, if any (every rank the same), drop
+    log lines past it, open the metrics."""
+    cfg, main = run.cfg, run.acc.is_main_process
+    ckpt = choose_checkpoint(run.acc, run.run_dir, run.say)
     if ckpt:
-        resume_run(acc, ckpt, student, ema, opt, state)
-        say(f"resumed from {ckpt} (step {state.step})")
-    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+        resume_run(run.acc, ckpt, run.student, run.ema, run.opt, run.state)
+        run.say(f"resumed from {ckpt} (step {run.state.step})")
     if main:
-        _trim_metrics(metrics_path, state.step)
-        _trim_metrics(samples_path, state.step)
+        _trim_metrics(run.run_dir / "metrics.jsonl", run.state.step)
+        _trim_metrics(run.run_dir / "samples.jsonl", run.state.step)
     if cfg.tensorboard:  # hparams take scalars and strings only
-        acc.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool))
-                                           else str(v) for k, v in flatten(cfg).items()})
+        run.acc.init_trackers("train", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in flatten(cfg).items()})
+    run.metrics = Metrics(run)
 
-    inner = acc.unwrap_model(student).net
-    params = [p for p in student.parameters() if p.requires_grad]
-    meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
-            "files": CHECKPOINT_FILES, "cache": cache_info(ds)}   # what `train sample` reads
-    batches = _batches(loader)
-    draw_gen = torch.Generator(device=acc.device)
-    per_stream = cfg.batch_size // cfg.data.streams
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
-               unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
-    terms_sum: dict[str, float] = {}
-    window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
-    last: dict[str, Any] = {}
-    student.train()
-    while state.step < cfg.max_steps:
-        change = method.phase_change(state.step)
-        if change:   # the same step on every rank, and again after a resume from it
-            _enter_phase(change, opt, ema, inner, state.step, say)
-        t_step = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        batch = next(batches)                      # this process's share of the global batch
-        indices = batch.pop(INDEX)                 # diagnostics only: stays on the host
-        batch = {name: v.to(acc.device, non_blocking=True) for name, v in batch.items()}
-        wait = time.perf_counter() - t_step
-        if cfg.log_samples:
-            _log_samples(acc, samples_path, state.step + 1, indices)
-        parts = []
-        for stream in loader.own:                  # each stream's draws, in batch order
-            draw_gen.manual_seed(stream_seed(cfg.seed, state.step, stream))
-            parts.append(method.draws(per_stream, tuple(batch[MOMENTS].shape[1:]),
-                                      generator=draw_gen, device=acc.device))
-        draws = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        for k in range(accum):
-            part = slice(k * micro, (k + 1) * micro)
-            sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(student)
-            with sync:
-                out = student({n: v[part] for n, v in batch.items()},
+
+def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]]
+               ) -> tuple[dict[str, float], tuple[float, float]]:
+    """One optimizer step: this process's share of the global batch, each stream's
+    draws, the method's terms over the micro-batches, clipping, AdamW, EMA. Returns the
+    terms averaged over the processes (and grad_norm), and the seconds spent waiting for
+    data and in the whole step. Raises NonFiniteLoss before applying a non-finite update."""
+    cfg, acc, state, o = run.cfg, run.acc, run.state, run.cfg.optim
+    t_step = time.perf_counter()
+    batch = next(batches)                          # this process's share of the global batch
+    indices = batch.pop(INDEX)                     # diagnostics only: stays on the host
+    batch = {name: v.to(acc.device, non_blocking=True) for name, v in batch.items()}
+    wait = time.perf_counter() - t_step
+    if cfg.log_samples:
+        _log_samples(acc, run.run_dir / "samples.jsonl", state.step + 1, indices)
+    draws = _draws(run, tuple(batch[MOMENTS].shape[1:]))
+    sums: dict[str, torch.Tensor] = {}
+    for k in range(run.accum):
+        part = slice(k * run.micro, (k + 1) * run.micro)
+        last = k == run.accum - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.student):
+            out = run.student({n: v[part] for n, v in batch.items()},
                               {n: v[part] for n, v in draws.items()}, state.step)
-                acc.backward(out["loss"] / accum)
-            for name, v in out.items():
-                sums[name] = sums.get(name, 0.0) + v.detach().float() / accum
-        grad_norm = acc.clip_grad_norm_(params, o.grad_clip or math.inf)
-        names = sorted(sums)
-        terms = acc.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
-        bad_grad = cfg.mixed_precision != "fp16" and not torch.isfinite(grad_norm)
-        if not torch.isfinite(terms).all() or bad_grad:
-            _stop_nonfinite(acc, run_dir, state.step + 1, dict(zip(names, terms.tolist())),
-                            float(grad_norm), o.lr, indices.tolist(), say)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, inner, o.ema_decay)
-        state.step += 1
-        bar.update(1)
+            acc.backward(out["loss"] / run.accum)
+        for name, v in out.items():
+            sums[name] = sums.get(name, 0.0) + v.detach().float() / run.accum
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    grad_norm = acc.clip_grad_norm_(params, o.grad_clip or math.inf)
+    names = sorted(sums)
+    terms = acc.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
+    bad_grad = cfg.mixed_precision != "fp16" and not torch.isfinite(grad_norm)
+    if not torch.isfinite(terms).all() or bad_grad:
+        _stop_nonfinite(acc, run.run_dir, state.step + 1, dict(zip(names, terms.tolist())),
+                        float(grad_norm), o.lr, indices.tolist(), run.say)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.net, o.ema_decay)
+    state.step += 1
+    return ({**dict(zip(names, terms.tolist())), "grad_norm": float(grad_norm)},
+            (wait, time.perf_counter() - t_step))
 
-        for n, v in zip(names, terms.tolist()):
-            terms_sum[n] = terms_sum.get(n, 0.0) + v
-        terms_sum["grad_norm"] = terms_sum.get("grad_norm", 0.0) + float(grad_norm)
-        window["steps"] += 1
-        window["wait"] += wait
-        window["time"] += time.perf_counter() - t_step
-        done = state.step == cfg.max_steps
-        if state.step % cfg.log_every == 0 or done:
-            n = window["steps"]
-            elapsed = time.perf_counter() - window["t0"]
-            last = {"step": state.step, "epoch": loader.epoch,
-                    **{k: _num(v / n) for k, v in terms_sum.items()}, "lr": o.lr,
-                    "steps_per_s": n / elapsed, "img_per_s": n * cfg.batch_size / elapsed,
-                    "data_wait": window["wait"] / max(window["time"], 1e-9),
-                    "time": time.time()}
-            if main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}",
-                                wait=f"{100 * last['data_wait']:.1f}%")
-            if cfg.tensorboard:
-                acc.log({k: v for k, v in last.items() if k not in ("step", "time")},
-                        step=state.step)
-            terms_sum = {}
-            window = {"steps": 0, "time": 0.0, "wait": 0.0, "t0": time.perf_counter()}
-        if preview and (state.step % cfg.preview.every == 0 or done):
-            preview(ema, run_dir / "samples" / f"step_{state.step:08d}.png")  # own generator
-        if state.step % cfg.checkpoint_every == 0 or done:
-            replicas = _check_replicas(acc, inner, state.step)
-            path = save_run_checkpoint(acc, run_dir, state.step, cfg.keep_checkpoints,
-                                    {**meta, "step": state.step,
-                                     "weights_sha256_per_process": replicas},
-                                    student, ema, opt, state)
-            if main:
-                (bar.write if cfg.progress else log)(f"checkpoint {path}")
-    bar.close()
-    acc.end_training()
-    return last if main else {}
+
+def _draws(run: Run, moments_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The step's random draws for this process's samples: each of its streams' from a
+    generator seeded by (seed, step, stream), in batch order."""
+    per_stream = run.cfg.batch_size // run.cfg.data.streams
+    gen = torch.Generator(device=run.acc.device)
+    parts = []
+    for stream in run.loader.own:
+        gen.manual_seed(stream_seed(run.cfg.seed, run.state.step, stream))
+        parts.append(run.method.draws(per_stream, moments_shape, generator=gen,
+                                      device=run.acc.device))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def after_step(run: Run, terms: dict[str, float], timing: tuple[float, float]) -> None:
+    """Metrics every log_every steps, preview grids, checkpoints (and all at the end)."""
+    cfg, step = run.cfg, run.state.step
+    done = step == cfg.max_steps
+    run.metrics.add(terms, *timing)
+    if step % cfg.log_every == 0 or done:
+        run.metrics.flush()
+    if run.preview and (step % cfg.preview.every == 0 or done):
+        run.preview(run.ema, run.run_dir / "samples" / f"step_{step:08d}.png")  # own generator
+    if step % cfg.checkpoint_every == 0 or done:
+        replicas = _check_replicas(run.acc, run.net, step)
+        path = save_run_checkpoint(run.acc, run.run_dir, step, cfg.keep_checkpoints,
+                                   {**run.meta, "step": step,
+                                    "weights_sha256_per_process": replicas},
+                                   run.student, run.ema, run.opt, run.state)
+        run.metrics.say(f"checkpoint {path}")
+
+
+class Metrics:
+    """The progress bar and metrics.jsonl: each term averaged over the steps of a window
+    that logged it (a method's phases may log different terms), throughput, data wait."""
+
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
+        self.run, self.main = run, run.acc.is_main_process
+        self.path = run.run_dir / "metrics.jsonl"
+        cfg = run.cfg
+        self.bar = tqdm(total=cfg.max_steps, initial=run.state.step, unit="step",
+                        disable=not (self.main and cfg.progress), dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line / 30 s
+        self.last: dict[str, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.wait, self.busy, self.t0 = 0, 0.0, 0.0, time.perf_counter()
+
+    def add(self, terms: dict[str, float], wait: float, seconds: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.wait += wait
+        self.busy += seconds
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        run, n = self.run, self.steps
+        elapsed = time.perf_counter() - self.t0
+        self.last = {"step": run.state.step, "epoch": run.loader.epoch,
+                     **{k: _num(v / self.counts[k]) for k, v in self.sums.items()},
+                     "lr": run.cfg.optim.lr, "steps_per_s": n / elapsed,
+                     "img_per_s": n * run.cfg.batch_size / elapsed,
+                     "data_wait": self.wait / max(self.busy, 1e-9),
+                     "time": time.time()}
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(self.last) + "\n")
+            self.bar.set_postfix(loss=f"{self.last['loss']:.4f}",
+                                 img_s=f"{self.last['img_per_s']:.0f}",
+                                 wait=f"{100 * self.last['data_wait']:.1f}%")
+        if run.cfg.tensorboard:
+            run.acc.log({k: v for k, v in self.last.items() if k not in ("step", "time")},
+                        step=run.state.step)
+        self._reset()
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            (self.bar.write if self.run.cfg.progress else self.run.say)(msg)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _enter_phase(change, opt, ema: torch.nn.Module, net: torch.nn.Module, step: int,
