@@ -1,0 +1,102 @@
+"""Every method through the same doors: presets that load, say their source and fit a cache
+of the paper's shapes; `train run` of every preset without a teacher; the method registry
+and its options' checks. (Each method's own behaviour: tests/test_method_<name>.py.)"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cache import CacheSpec
+from cache.synthetic import write_synthetic_cache
+from conftest import write_structured_cache
+from train.cli import main as train_main
+from train.config import ConfigError, load_config
+from train.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_states_its_source(preset):
+    """A preset says where its numbers come from (paper and table, or that it is ours)."""
+    text = (ROOT / "configs" / preset).read_text()
+    assert re.search(r"^# Source: \S", text, re.M), f"{preset}: no '# Source: ...' comment"
+    cfg = load_config(ROOT / "configs" / preset)
+    assert cfg.align.method in METHODS
+
+
+@pytest.fixture(scope="module")
+def paper_cache(tmp_path_factory):
+    """The shapes of an ImageNet 256 px cache with DINOv2-B: 32x32 latents, 256 tokens of
+    768, CLS 768 (4 samples: the dry run reads the manifest only)."""
+    spec = CacheSpec(num_samples=4, shard_size=4, chunk_size=4, latent_size=32, tokens=256,
+                     token_dim=768)
+    return write_synthetic_cache(tmp_path_factory.mktemp("paper") / "c", spec)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "demo.yaml"])
+def test_every_preset_dry_runs_against_a_cache_of_the_papers_shapes(preset, paper_cache,
+                                                                    tmp_path, capsys):
+    rc = train_main(["run", str(ROOT / "configs" / preset), f"data.cache={paper_cache}",
+                     f"run_dir={tmp_path / 'run'}", "--dry-run"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "would train" in captured.out and not (tmp_path / "run").exists()
+
+
+# The tiny stand-in of each preset's model: the same family, 8x8 latents, 32-d teacher
+TINY = {"sit": "sit-tiny/2", "sit-down": "sit-down-tiny/2"}
+
+
+def tiny_overrides(preset: str, cache: Path, run_dir: Path) -> list[str]:
+    cfg = load_config(ROOT / "configs" / preset)
+    family = "sit-down" if cfg.model.arch.startswith("sit-down") else "sit"
+    extra = []
+    if cfg.align.method == "erw":   # both phases in two steps, within the tiny model
+        extra = ["method_args.warmup_steps=1", "method_args.l2r_depth=1"]
+    return [f"run_dir={run_dir}", f"data.cache={cache}", f"model.arch={TINY[family]}",
+            "model.latent_size=8", "model.num_classes=1000", "align.teacher_dim=32",
+            "align.projector_dim=64", "align.depth=null", "data.num_workers=0",
+            "data.shuffle_buffer=8", "data.resolution=null", "batch_size=8",
+            "micro_batch_size=null", "max_steps=2", "checkpoint_every=2", "log_every=1",
+            "mixed_precision=no", "progress=false", "preview.every=0", *extra]
+
+
+def test_no_preset_loads_a_teacher(tmp_path):
+    """`train run` of every preset (tiny stand-ins, two steps each) in one fresh
+    interpreter: no pipeline code (where the teacher and VAE live), no timm, no
+    diffusers is imported; every method's teacher signal comes from the cache."""
+    cache = write_structured_cache(tmp_path / "c", CacheSpec(
+        num_samples=32, shard_size=16, latent_size=8, tokens=16, token_dim=32))
+    runs = {p: tiny_overrides(p, cache, tmp_path / p) for p in PRESETS}
+    script = f"""
+import sys
+from train.cli import main
+for preset, overrides in {runs!r}.items():
+    rc = main(["run", "configs/" + preset, *overrides])
+    print("PRESET", preset, "RC", rc)
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "timm", "diffusers"))
+print("IMPORTED", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    for preset in PRESETS:
+        assert f"PRESET {preset} RC 0" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "IMPORTED []" in out.stdout, out.stdout[-2000:]
+
+
+def test_method_options_are_checked_by_the_method():
+    base = ["run_dir=x", "data.cache=y"]
+    with pytest.raises(ConfigError, match=r"method_args.foo: align.method=repa has no such "
+                                          r"option; it has none"):
+        load_config(None, [*base, "align.method=repa", "method_args.foo=1"])
+    with pytest.raises(ConfigError, match=r"method_args=3: expected a mapping"):
+        load_config(None, [*base, "method_args=3"])
+    with pytest.raises(ConfigError, match=r"align.method='nope': choose one of \[.*'repa'"):
+        load_config(None, [*base, "align.method=nope"])
+    cfg = load_config(None, [*base, "align.method=none"])
+    assert cfg.method_args == {}
