@@ -16,6 +16,13 @@ and prints images/s, steps/s and the data-wait fraction of each, the cached/onli
 and on a GPU the model-FLOPs utilisation of the cached path (3x forward FLOPs of the
 student, counted by torch's FlopCounterMode, over the GPU's dense bf16 peak). Weights are
 random: the speed of a network does not depend on its weights.
+
+    python benchmarks/train_step.py --methods [all | repa,reg,...] [--arch sit-b/2]
+
+instead times one optimizer step of each method (train/methods/) on the same backbone,
+from batches already on the device (the method's compute, not the loader), against
+plain REPA measured in the same run: rounds alternate the methods, and the ratio is each
+method's median step time over REPA's. ERW is timed in both of its phases.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from cache.synthetic import write_synthetic_cache  # noqa: E402
 from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher,  # noqa: E402
                                teacher_input_size, teacher_pixels, token_grid)
 from train.config import AlignConfig, ModelConfig  # noqa: E402
-from train.methods import build_method  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.methods import METHODS, build_method  # noqa: E402
 from train.models import build_model  # noqa: E402
-from train.step import Student  # noqa: E402
+from train.step import Student, build_generator  # noqa: E402
 
 def urepa(arch: str, dim: int):
     """U-REPA (the trainer's default method) for `arch` and teacher width `dim`."""
@@ -116,6 +124,68 @@ def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) ->
     return r
 
 
+def method_students(names: list[str], arch: str, latent: int, dim: int, device):
+    """{label: (student, optimizer, step index)} for each method on `arch`; ERW twice,
+    in its warm-up (step 0) and full phase (step >= warm-up)."""
+    out = {}
+    for name in names:
+        phases = [("", 0)]
+        extra = []
+        if name == "erw":
+            extra = ["method_args.warmup_steps=10", "method_args.l2r_depth=4"]
+            phases = [(" (warm-up)", 0), (" (full)", 10)]
+        cfg = load_config(None, ["run_dir=unused", "data.cache=unused", f"model.arch={arch}",
+                                 f"model.latent_size={latent}", f"align.method={name}",
+                                 f"align.teacher_dim={dim}", *extra])
+        for label, step in phases:
+            torch.manual_seed(0)
+            net, method = build_generator(cfg)
+            student = Student(net, method, latent_scale=0.18215).to(device)
+            out[name + label] = (student, torch.optim.AdamW(student.parameters(), lr=1e-4),
+                                 step)
+    return out
+
+
+def methods_main(args, device, dtype, bs: int, n_steps: int) -> None:
+    names = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)} or all")
+    names = ["repa"] + [n for n in names if n != "repa"]     # the baseline first
+    latent, g = args.resolution // 8, args.resolution // 16
+    dim = 768
+    batch = {"moments": torch.randn(bs, 8, latent, latent, device=device),
+             "label": torch.randint(1000, (bs,), device=device),
+             "tokens": torch.randn(bs, g * g, dim, device=device),
+             "cls": torch.randn(bs, dim, device=device)}
+    students = method_students(names, args.arch, latent, dim, device)
+
+    def one_step(student, opt, step) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = student(batch, None, step)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t0
+
+    times = {k: [] for k in students}
+    for _ in range(args.warmup):
+        for k, (st, opt, step) in students.items():
+            one_step(st, opt, step)
+    for _ in range(n_steps):                       # rounds alternate the methods
+        for k, (st, opt, step) in students.items():
+            times[k].append(one_step(st, opt, step))
+    base = float(np.median(times["repa"]))
+    print(f"{'method':18s} {'step s':>8s} {'img/s':>8s} {'vs REPA':>8s}")
+    for k, ts in times.items():
+        med = float(np.median(ts))
+        print(f"{k:18s} {med:8.3f} {bs / med:8.1f} {med / base:7.2f}x")
+
+
 def forever(loader):
     while True:
         yield from loader
@@ -134,6 +204,9 @@ def main() -> None:
     p.add_argument("--precision", default=None, help="bf16 (GPU default) or fp32 (CPU)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "urepa-bench")
+    p.add_argument("--methods", default=None,
+                   help="time each method's step against REPA on the same --arch instead "
+                        "(all, or a comma list, e.g. repa,urepa,reg,erw,gmem,none)")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -147,8 +220,13 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{torch.cuda.get_device_name() if cuda else 'no GPU'}, torch {torch.__version__}; "
-          f"{args.arch} + {args.teacher} teacher, {args.resolution} px, batch {bs}, "
-          f"{precision}, {workers} loader worker(s){', compiled' if args.compile else ''}")
+          f"{args.arch}" + ("" if args.methods else f" + {args.teacher} teacher")
+          + f", {args.resolution} px, batch {bs}, {precision}"
+          + ("" if args.methods else f", {workers} loader worker(s)")
+          + (", compiled" if args.compile else ""))
+    if args.methods:
+        methods_main(args, device, dtype, bs, n_steps)
+        return
 
     teacher = build_teacher(args.teacher, resolution=args.resolution, random_weights=True)
     g, dim = token_grid(args.resolution), teacher.embed_dim
