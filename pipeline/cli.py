@@ -84,6 +84,18 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bank(args: argparse.Namespace) -> int:
+    """GMem's memory bank: the cache's CLS column as one safetensors file (cache/bank.py)."""
+    from cache.bank import write_bank
+    summary = write_bank(args.cache, args.out, chunk=args.chunk,
+                         log=(lambda m: print(m, file=sys.stderr)) if args.progress
+                         else (lambda _m: None))
+    print(f"bank {summary['out']}: {summary['rows']:,} rows x {summary['dim']} (float16, "
+          f"{summary['bytes']:,} bytes) from cache {summary['cache']} (manifest sha256 "
+          f"{summary['cache_manifest_sha256'][:12]})")
+    return 0
+
+
 def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, TEACHERS
     from .sources import SOURCES
@@ -130,6 +142,12 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--dry-run", action="store_true", help="list, load the models, print the plan, stop")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--allow-partial", action="store_true",
                        help="open an unfinished cache (only its done shards)")
         s.set_defaults(func=func)
+    bank = sub.add_parser("bank", help="GMem: write the cache's CLS tokens as a bank file",
+                          description="Every valid sample's CLS token (view 0) in index "
+                          "order, with its label and cache index: the memory bank `train "
+                          "sample --bank FILE` draws GMem's conditions from.")
+    bank.add_argument("cache", help="cache directory or fsspec URL")
+    bank.add_argument("out", help="the bank file to write (safetensors), e.g. bank.safetensors")
+    bank.add_argument("--chunk", type=_positive, default=65536, help="rows read at a time")
+    bank.add_argument("--progress", action="store_true", help="a line per chunk on stderr")
+    bank.set_defaults(func=cmd_bank)
     sub.choices["verify"].add_argument("--threads", type=int, default=None)
     sub.choices["inspect"].add_argument("--json", action="store_true",
                                         help="print the whole manifest as JSON")
