@@ -265,3 +265,52 @@ def test_cls_weight_is_checked_and_the_presets_load(cache, tmp_path):
         cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
         assert (cfg.model.arch, cfg.align.method, cfg.align.depth, cfg.align.weight,
                 cfg.method_args) == (arch, "reg", depth, 0.5, {"cls_weight": 0.03})
+
+
+# ------------------------------------------------------------------ read from disk (review)
+def _tampered(run_dir, tmp_path, **config):
+    """A copy of the run's newest checkpoint whose checkpoint.json config says otherwise."""
+    import shutil
+
+    from train.checkpoint import checkpoints
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints(run_dir)[-1], ckpt)
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["config"].update(config)
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+def test_a_checkpoint_whose_method_parts_do_not_fit_is_refused_before_building(
+        reg_run, tmp_path, capsys):
+    """A recorded align.teacher_dim sizes REG's CLS embedder and head: 10^9 must be refused
+    from the weights' shapes, not by trying to allocate 256 GB."""
+    ckpt = _tampered(reg_run, tmp_path, **{"align.teacher_dim": 10**9})
+    assert train_main(["sample", str(ckpt), "--out", str(tmp_path / "s"), "--num", "1",
+                       "--mode", "ode", "--steps", "2", "--vae", "random"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "align.method=reg" in err, err
+    assert "cls_embedder.0.weight: checkpoint [64, 32] vs model [64, 1000000000]" in err, err
+
+
+def test_convert_refuses_a_generator_that_is_not_a_plain_sit(reg_run, tmp_path, capsys):
+    """REPA's layout has no place for REG's CLS embedder and head: `train convert` must not
+    write a .pt that neither REPA's generate.py nor `train sample` can load."""
+    out = tmp_path / "reg.pt"
+    assert train_main(["convert", str(reg_run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "align.method=reg" in err and "cls_embedder" in err, err
+    assert not out.exists()
+    # a config whose method does not load is refused too (what are these weights?)
+    ckpt = _tampered(reg_run, tmp_path, **{"align.method": "bogus"})
+    assert train_main(["convert", str(ckpt), str(tmp_path / "b.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "align.method='bogus'" in err, err
+
+
+def test_a_recorded_option_name_with_newlines_stays_one_line(reg_run, tmp_path, capsys):
+    ckpt = _tampered(reg_run, tmp_path, **{"method_args.a\nb": 1})
+    assert train_main(["sample", str(ckpt), "--out", str(tmp_path / "s"), "--num", "1",
+                       "--mode", "ode", "--steps", "2", "--vae", "random"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method_args.'a\\nb'" in err, err

@@ -339,9 +339,17 @@ def load_backbone(path: str | Path, *, weights: str = "ema", fmt: str = "auto",
     """The backbone, with what its method adds (ck.method()), and its EMA (or trained)
     weights, in eval mode on the CPU."""
     ck = read_checkpoint(path, fmt=fmt, arch=arch, weights=(weights,))
+    method, state = ck.method(), ck.state(weights)
+    # the recorded config sizes the method's parts (REG's CLS embedder: align.teacher_dim):
+    # the weights' shapes are checked against them on the meta device, before any memory
+    problems = _key_problems(_expected(ck.arch, ck.model_kwargs(), method), _shapes(state))
+    if problems:
+        raise CheckpointError(f"{ck.path} ({weights} weights) does not fit the model its "
+                              f"config records ({ck.arch} with the parts of "
+                              f"align.method={method.name}):\n  " + "\n  ".join(problems))
     net = build_model(ck.arch, **ck.model_kwargs())
-    ck.method().extend(net)
-    load_strict(net, ck.state(weights), f"{ck.path} ({weights} weights)")
+    method.extend(net)
+    load_strict(net, state, f"{ck.path} ({weights} weights)")
     return net.eval().requires_grad_(False), ck
 
 

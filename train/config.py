@@ -404,9 +404,10 @@ def method_args(method: str, given: dict[str, Any]) -> dict[str, Any]:
     from .methods import METHODS
     schema = METHODS[method].Args
     valid = _valid_keys(schema)
-    unknown = sorted(k for k in given if k not in valid)
-    if unknown:
-        raise ConfigError(f"method_args.{unknown[0]}: align.method={method} has no such "
+    unknown = sorted(str(k) for k in given if k not in valid)
+    if unknown:   # a name read from a checkpoint.json may hold anything: one line, short
+        name = unknown[0] if unknown[0].isidentifier() else repr(unknown[0][:80])
+        raise ConfigError(f"method_args.{name}: align.method={method} has no such "
                           "option; " + (f"its options: {', '.join('method_args.' + k for k in valid)}"
                                         if valid else "it has none"))
     try:

@@ -217,6 +217,16 @@ def write_repa_file(out: Path, ck: Checkpoint) -> Path:
         raise CheckpointError(f"{out} exists; choose a new output file")
     if ARCHS[ck.arch][0] is not SiT:
         raise CheckpointError(f"{ck.path} is a {ck.arch}: only SiT models have a REPA layout")
+    method = ck.method()   # refused when the recorded method does not load
+    plain = _expected(ck.arch, ck.model_kwargs())
+    for which, state in ck.states.items():
+        odd = sorted(set(state) ^ set(plain))
+        if odd:   # REG's CLS embedder and head, GMem's condition: no REPA name for them
+            raise CheckpointError(
+                f"{ck.path}: its {which} weights are a SiT with the parts of "
+                f"align.method={method.name} ({', '.join(odd[:4])}"
+                f"{', ...' if len(odd) > 4 else ''}), which REPA's layout and generate.py "
+                "have no place for; sample this checkpoint with `train sample` instead")
     projector = ck.projector
     if projector is not None and set(projector) != PROJECTOR_KEYS:
         raise CheckpointError(f"{ck.path}: the projector's keys {sorted(projector)[:8]} are "
