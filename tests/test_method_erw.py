@@ -139,6 +139,25 @@ def test_interrupted_in_phase_one_at_the_boundary_and_after_resumes_exactly(runs
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
+def test_no_metrics_line_averages_the_two_phases(cache, runs, tmp_path):
+    """A log window that spans the boundary is cut there: phase 1's loss (w_1 * L_REPA at
+    block l, negative) and phase 2's (L_v + ...) are different quantities, and so are
+    their loss_repa (block l vs block k)."""
+    a, _, _ = runs
+    every = metrics(a)                                   # log_every=1: one line per step
+    run = tmp_path / "r"
+    train(erw(cache, run, "log_every=4", f"max_steps={W + 3}"), log=lambda _m: None)
+    lines = metrics(run)
+    assert [m["step"] for m in lines] == [4, W, 8, W + 3]
+    for m, (lo, hi) in zip(lines, [(1, 4), (5, W), (W + 1, 8), (W + 3, W + 3)]):
+        window = every[lo - 1:hi]
+        for term in ("loss", "loss_repa", "loss_v"):
+            have = [e[term] for e in window if term in e]
+            assert (term in m) == bool(have), (m["step"], term)
+            if have:
+                assert m[term] == pytest.approx(np.mean(have), rel=1e-6), (m["step"], term)
+
+
 def test_erw_checkpoint_samples(runs, tmp_path):
     from diffusers import AutoencoderKL
     from pipeline.encoders import TINY_VAE_CONFIG

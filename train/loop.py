@@ -3,7 +3,8 @@
     run_dir/
       config.yaml              the resolved config (a rerun must agree with it; see
                                config.RESUMABLE_CHANGES for what may change)
-      metrics.jsonl            one line per log_every steps (+ the last step)
+      metrics.jsonl            one line per log_every steps (+ the last step, and the
+                               last of a method's phase: ERW's warm-up)
       checkpoints/step_00010000/  model, EMA and optimizer (safetensors), every rank's RNG
                                states, step and loader position (JSON): no pickle (layout:
                                train/checkpoint.py); built as .tmp_step_N and renamed into
@@ -316,7 +317,9 @@ def after_step(run: Run, terms: dict[str, float], timing: tuple[float, float]) -
     cfg, step = run.cfg, run.state.step
     done = step == cfg.max_steps
     run.metrics.add(terms, *timing)
-    if step % cfg.log_every == 0 or done:
+    # a method's phase ends here (ERW's warm-up): its terms are other quantities than the
+    # next phase's (the same names included), so no log window spans the boundary
+    if step % cfg.log_every == 0 or done or run.method.phase_change(step):
         run.metrics.flush()
     if run.preview and (step % cfg.preview.every == 0 or done):
         run.preview(run.ema, run.run_dir / "samples" / f"step_{step:08d}.png")  # own generator
