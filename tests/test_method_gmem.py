@@ -267,3 +267,12 @@ def test_train_sample_draws_conditions_from_the_bank(cache, run, vae_dir, tmp_pa
     # a rerun into the same directory with another bank is refused
     assert sample(tmp_path / "f") == 2
     assert "holds samples made with other settings" in capsys.readouterr().err
+
+
+def test_cls_cfg_is_refused_on_a_gmem_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert train_main(["sample", str(run), "--out", str(out), "--num", "1", "--mode", "ode",
+                       "--steps", "2", "--cls-cfg", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --cls-cfg 2.0: ") and "gmem" in err
+    assert "reg, urepa-reg" in err and not out.exists(), err

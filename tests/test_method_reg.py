@@ -314,3 +314,14 @@ def test_a_recorded_option_name_with_newlines_stays_one_line(reg_run, tmp_path, 
                        "--mode", "ode", "--steps", "2", "--vae", "random"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "method_args.'a\\nb'" in err, err
+
+
+def test_a_sampling_flag_of_another_method_is_refused(reg_run, tmp_path, capsys):
+    """--bank is GMem's: on a REG checkpoint it would be recorded in sample.json and do
+    nothing; refused in one line before any sample."""
+    out = tmp_path / "s"
+    assert train_main(["sample", str(reg_run), "--out", str(out), "--num", "1", "--mode",
+                       "ode", "--steps", "2", "--vae", "random", "--bank", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --bank ") and "reg" in err, err
+    assert "gmem" in err and not out.exists(), err

@@ -212,6 +212,23 @@ def _check_settings(out: Path, record: dict[str, Any]) -> None:
                           for k in diff) + "\nUse a new --out, or restore these values.")
 
 
+# the SampleSettings of one method or another (Method.sample_options), as flags
+METHOD_OPTIONS = {"cls_cfg": "--cls-cfg", "bank": "--bank"}
+
+
+def check_options(s: SampleSettings, method) -> None:
+    """A method's own sampling option given for a checkpoint of a method without it would
+    be recorded and do nothing: refused."""
+    from .methods import METHODS
+    for name, flag in METHOD_OPTIONS.items():
+        value = getattr(s, name)
+        if value is not None and name not in method.sample_options:
+            users = sorted(m.name for m in METHODS.values() if name in m.sample_options)
+            raise SampleError(f"{flag} {value}: the checkpoint was trained with "
+                              f"align.method={method.name}, whose sampling has no use for it "
+                              f"({flag} is for {', '.join(users)}); drop it")
+
+
 def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
              checkpoint_format: str = "auto", arch: str | None = None,
              log=print) -> dict[str, Any]:
@@ -225,6 +242,7 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     out = Path(out)
     net, ck = load_backbone(source, weights=s.weights, fmt=checkpoint_format, arch=arch)
     method = ck.method()
+    check_options(s, method)
     cfg, meta, geo = ck.meta["config"], ck.meta, ck.model_kwargs()
     if s.bank is None and method.name == "gmem":   # the cache that trained it, if still there
         s = dataclasses.replace(s, bank=meta.get("cache", {}).get("root"))

@@ -78,6 +78,8 @@ class Method:
     fields: ClassVar[tuple[str, ...]] = (TOKENS,)
     partial_graph: ClassVar[bool] = False
     guidance_interval: ClassVar[tuple[float, float]] = (0.0, 0.7)
+    sample_options: ClassVar[tuple[str, ...]] = ()   # SampleSettings fields only this
+    #                                  method's sampling reads (REG's cls_cfg, GMem's bank)
 
     def __init__(self, align, args, model):
         """`align`: AlignConfig, `args`: an instance of Args, `model`: ModelConfig."""

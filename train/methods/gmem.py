@@ -101,6 +101,7 @@ class GMem(Method):
     name = "gmem"
     Args = GMemArgs
     fields = (TOKENS, CLS)
+    sample_options = ("bank",)
 
     def check_cache(self, spec, arch: str, latent_size: int) -> list[str]:
         errors = super().check_cache(spec, arch, latent_size)

@@ -105,6 +105,7 @@ class REG(Method):
     Args = RegArgs
     fields = (TOKENS, CLS)
     guidance_interval = (0.0, 0.85)
+    sample_options = ("cls_cfg",)
 
     # ------------------------------------------------------------------ the cache
     def check_cache(self, spec, arch: str, latent_size: int) -> list[str]:
