@@ -15,7 +15,7 @@ from cache.format import CLS, FieldSpec
 from cache.synthetic import write_synthetic_cache
 from conftest import tiny_run_config, write_structured_cache
 from pipeline.encoders import TINY_VAE_CONFIG, build_vae, weights_sha256
-from train.checkpoint import load_backbone
+from train.checkpoint import CheckpointError, load_backbone
 from train.cli import main as train_main
 from train.config import ConfigError, load_config
 from train.data import check_cache
@@ -325,3 +325,15 @@ def test_a_sampling_flag_of_another_method_is_refused(reg_run, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --bank ") and "reg" in err, err
     assert "gmem" in err and not out.exists(), err
+
+
+def test_init_from_a_checkpoint_of_another_method_names_both(cache, reg_run, tmp_path):
+    """A REPA run started from a REG checkpoint: its CLS parts are no geometry mismatch;
+    the refusal says which methods differ."""
+    cfg = tiny(cache, tmp_path / "r", "repa", "sit-tiny/2", f"model.init_from={reg_run}",
+               "max_steps=1")
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, log=lambda _m: None)
+    text = str(e.value)
+    assert "unexpected (6): cls_embedder" in text, text
+    assert "trained with align.method=reg" in text and "this run's align.method=repa" in text

@@ -628,9 +628,18 @@ def check_init(source: str | Path, arch: str, method=None, **geometry: int) -> C
     for which, state in ck.states.items():
         problems = _key_problems(expected, _shapes(state))
         if problems:
+            try:
+                theirs = ck.method().name
+            except CheckpointError:
+                theirs = None
+            mine = method.name if method is not None else None
+            why = ("model.latent_size, in_channels and num_classes must match"
+                   if theirs == mine else
+                   f"it was trained with align.method={theirs or 'unknown'}, this run's "
+                   f"align.method={mine}: the generators' parts must match, as must "
+                   "model.latent_size, in_channels and num_classes")
             raise CheckpointError(f"model.init_from={source} ({which} weights) does not fit "
-                                  f"this run's {arch} (model.latent_size, in_channels and "
-                                  "num_classes must match):\n  " + "\n  ".join(problems))
+                                  f"this run's {arch} ({why}):\n  " + "\n  ".join(problems))
     return ck
 
 
