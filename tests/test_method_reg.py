@@ -337,3 +337,16 @@ def test_init_from_a_checkpoint_of_another_method_names_both(cache, reg_run, tmp
     text = str(e.value)
     assert "unexpected (6): cls_embedder" in text, text
     assert "trained with align.method=reg" in text and "this run's align.method=repa" in text
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("align.weight", "x", "align.weight='x': expected float"),
+    ("align.depth", [3], "align.depth=[3]: expected int or null"),
+    ("model.checkpointing", "yes", "model.checkpointing='yes': expected bool"),
+])
+def test_a_recorded_config_value_of_the_wrong_type_is_named(reg_run, tmp_path, capsys, key,
+                                                            value, message):
+    ckpt = _tampered(reg_run, tmp_path, **{key: value})
+    assert train_main(["convert", str(ckpt), str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

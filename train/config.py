@@ -398,6 +398,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def recorded_section(node: type, values: dict[str, Any], group: str) -> Any:
+    """The config section `node` (ModelConfig, AlignConfig) from values a file recorded
+    (a checkpoint's flat config), each checked to be of its field's type first, so that
+    a damaged one is named (the dataclass then checks ranges). Raises ConfigError."""
+    hints = typing.get_type_hints(node)
+    for key, v in values.items():
+        hint = hints[key]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint)
+        ok = ((v is None and type(None) in args) or type(v) is base
+              or (base is float and type(v) is int))
+        if not ok:
+            raise ConfigError(f"{group}.{key}={repr(v)[:60]}: expected {_type_name(hint)} "
+                              "(the recorded config is damaged)")
+    return node(**values)
+
+
 def method_args(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """`given` checked against the Args dataclass of `method` (its keys, types and
     ranges), with every default filled in, so that config.yaml records them all."""

@@ -27,14 +27,15 @@ def method_from_config(flat: dict) -> Method:
     """The method of a checkpoint's flat config ({"align.method": ..., "method_args.x": ...};
     keys it lacks take their defaults). Raises ValueError (ConfigError) when it is unknown
     or its options do not check."""
-    from ..config import AlignConfig, ModelConfig, method_args
+    from ..config import AlignConfig, ModelConfig, method_args, recorded_section
     align = {k: flat[f"align.{k}"] for k in AlignConfig.__dataclass_fields__
              if f"align.{k}" in flat}
     model = {k: flat[f"model.{k}"] for k in ModelConfig.__dataclass_fields__
              if f"model.{k}" in flat}
     given = {k[len("method_args."):]: v for k, v in flat.items()
              if k.startswith("method_args.")}
-    a, m = AlignConfig(**align), ModelConfig(**model)
+    a = recorded_section(AlignConfig, align, "align")
+    m = recorded_section(ModelConfig, model, "model")
     return build_method(a, method_args(a.method, given), m)
 
 
