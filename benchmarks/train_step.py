@@ -21,8 +21,9 @@ random: the speed of a network does not depend on its weights.
 
 instead times one optimizer step of each method (train/methods/) on the same backbone,
 from batches already on the device (the method's compute, not the loader), against
-plain REPA measured in the same run: rounds alternate the methods, and the ratio is each
-method's median step time over REPA's. ERW is timed in both of its phases.
+plain REPA measured in the same run: rounds alternate the methods (each round starts one
+method later, so none is always first), and the ratio is each method's median step time
+over REPA's. ERW is timed in both of its phases.
 """
 
 from __future__ import annotations
@@ -176,8 +177,10 @@ def methods_main(args, device, dtype, bs: int, n_steps: int) -> None:
     for _ in range(args.warmup):
         for k, (st, opt, step) in students.items():
             one_step(st, opt, step)
-    for _ in range(n_steps):                       # rounds alternate the methods
-        for k, (st, opt, step) in students.items():
+    order = list(students)
+    for r in range(n_steps):     # rounds alternate the methods, each round starting at
+        for k in order[r % len(order):] + order[:r % len(order)]:   # the next one
+            st, opt, step = students[k]
             times[k].append(one_step(st, opt, step))
     base = float(np.median(times["repa"]))
     print(f"{'method':18s} {'step s':>8s} {'img/s':>8s} {'vs REPA':>8s}")

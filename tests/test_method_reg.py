@@ -343,6 +343,7 @@ def test_init_from_a_checkpoint_of_another_method_names_both(cache, reg_run, tmp
     ("align.weight", "x", "align.weight='x': expected float"),
     ("align.depth", [3], "align.depth=[3]: expected int or null"),
     ("model.checkpointing", "yes", "model.checkpointing='yes': expected bool"),
+    ("method_args.cls_weight", "${oc.env:HOME}", "holds an interpolation"),
 ])
 def test_a_recorded_config_value_of_the_wrong_type_is_named(reg_run, tmp_path, capsys, key,
                                                             value, message):

@@ -34,10 +34,14 @@ def method_from_config(flat: dict) -> Method:
              if f"model.{k}" in flat}
     given = {k[len("method_args."):]: v for k, v in flat.items()
              if k.startswith("method_args.")}
+    for k, v in {**align, **model, **given}.items():   # a recorded config is resolved
+        if isinstance(v, str) and "${" in v:              # already: nothing to interpolate
+            raise ValueError(f"recorded option {k!r} holds an interpolation "
+                             f"({v[:80]!r}); a checkpoint's config is resolved: damaged")
     a = recorded_section(AlignConfig, align, "align")
     m = recorded_section(ModelConfig, model, "model")
     return build_method(a, method_args(a.method, given), m)
 
 
-__all__ = ["method_from_config", "METHODS", "Method", "NoArgs", "PhaseChange", "Sampling", "build_method",
-           "register", "step_draws"]
+__all__ = ["METHODS", "Method", "NoArgs", "PhaseChange", "Sampling", "build_method",
+           "method_from_config", "register", "step_draws"]
