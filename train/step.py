@@ -17,10 +17,10 @@ import torch.nn as nn
 
 from cache.format import MOMENTS
 
-from .methods import Method, build_method, step_draws
+from .methods import Method, build_method
 from .models import build_model
 
-__all__ = ["Student", "build_generator", "step_draws", "stream_seed"]
+__all__ = ["Student", "build_generator", "stream_seed"]
 
 
 def stream_seed(seed: int, step: int, stream: int) -> int:

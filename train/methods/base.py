@@ -25,10 +25,9 @@ dataclass, set as `method_args.<name>` in a config.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -239,15 +238,3 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method name {cls.name!r} is empty or taken")
     METHODS[cls.name] = cls
     return cls
-
-
-def args_of(name: str, values: dict[str, Any]) -> Any:
-    """The Args instance of method `name` from a mapping (its dataclass checks it)."""
-    return METHODS[name].Args(**values)
-
-
-def args_dict(args: Any) -> dict[str, Any]:
-    return dataclasses.asdict(args)
-
-
-Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -60,8 +60,9 @@ import torch.nn as nn
 
 from cache.format import CLS, LABEL, MOMENTS, TOKENS
 
-from ..losses import flow_loss, interpolate, manifold_loss, repa_loss
+from ..losses import flow_loss, interpolate
 from .base import Method, Sampling, posterior_sample, register, step_draws
+from .urepa import URepa
 
 
 @dataclass
@@ -161,12 +162,7 @@ class REG(Method):
 class URepaReg(REG):
     """U-REPA's SiT-down and manifold loss with REG's CLS token (module docstring)."""
     name = "urepa-reg"
-
-    def align_terms(self, h: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        repa = repa_loss(h, y)
-        ml = manifold_loss(h, y, pooled=self.align.manifold_pooled)
-        return {"loss_repa": repa, "loss_ml": ml,
-                "align": repa + self.align.manifold_weight * ml}
+    align_terms = URepa.align_terms     # L_REPA + w * L_ML on the 257-token sets
 
 
 class RegSampling(Sampling):
