@@ -167,3 +167,75 @@ def test_own_terms_fall_a_resume_is_exact_and_it_samples(method, arch, terms, le
                        "--vae", str(tiny_vae)]) == 0
     with np.load(out / "samples.npz") as z:
         assert z["arr_0"].shape[0] == 4 and z["arr_0"].dtype == np.uint8
+
+
+# ---------------------------------------------------------------- fields that end
+@pytest.fixture
+def repa_that_stops():
+    """A method registered for the test: REPA whose alignment ends at step `stop_at`
+    (HASTE's termination, in miniature): from then on it reads no teacher field."""
+    from dataclasses import dataclass
+
+    from cache.format import LABEL, MOMENTS, TOKENS
+    from train.losses import flow_loss, interpolate
+    from train.methods.base import posterior_sample
+    from train.methods.repa import REPA
+
+    @dataclass
+    class StopArgs:
+        stop_at: int = 6
+
+    class RepaStops(REPA):
+        name = "test-repa-stops"
+        Args = StopArgs
+
+        def fields_at(self, step):
+            return self.fields if step < self.args.stop_at else ()
+
+        def loss(self, student, batch, d, step):
+            if step < self.args.stop_at:
+                return super().loss(student, batch, d, step)
+            assert TOKENS not in batch, f"step {step}: teacher tokens read after the end"
+            x0 = posterior_sample(batch[MOMENTS], d["eps"], student.latent_scale)
+            xt, v = interpolate(x0, d["noise"], d["t"])
+            v_pred, _ = student.net(xt, d["t"], batch[LABEL], label_drop=d["drop"])
+            loss = flow_loss(v_pred, v)
+            return {"loss_v": loss, "loss": loss}
+
+    METHODS[RepaStops.name] = RepaStops
+    yield RepaStops.name
+    del METHODS[RepaStops.name]
+
+
+def test_the_loader_stops_reading_what_a_method_no_longer_uses(repa_that_stops, learnable,
+                                                             tmp_path):
+    """At the method's step the loader is replaced by one without the teacher field, at
+    the same position; a run resumed before or after that step follows the
+    uninterrupted one bit for bit."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_run_config
+    from train.loop import train
+
+    def run(run_dir, steps):
+        msgs = []
+        train(tiny_run_config(learnable, run_dir, f"align.method={repa_that_stops}",
+                              "model.arch=sit-tiny/2", "data.shuffle_buffer=32",
+                              "batch_size=16", "checkpoint_every=1", f"max_steps={steps}",
+                              "data.num_workers=1"), log=msgs.append)
+        return [m for m in msgs if "the loader reads" in m]
+    a = tmp_path / "a"
+    switched = run(a, 10)
+    assert switched == ["step 7: the loader reads moments, label, index (no longer tokens)"]
+    la = _losses(a)
+    assert "loss_repa" in la[5] and "loss_repa" not in la[6]
+    for stop, name in ((4, "b"), (8, "c")):          # interrupted before and after
+        d = tmp_path / name
+        run(d, stop)
+        first = 7 if stop < 6 else stop + 1           # the first step the rerun computes
+        assert run(d, 10) == [f"step {first}: the loader reads moments, label, index "
+                              "(no longer tokens)"]
+        assert [m["loss"] for m in _losses(d)] == [m["loss"] for m in la], name
+        for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+            wa, wd = (load_file(r / "checkpoints/step_00000010" / f) for r in (a, d))
+            assert all(torch.equal(wa[k], wd[k]) for k in wa), (name, f)

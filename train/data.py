@@ -71,13 +71,13 @@ def cache_info(ds: CacheDataset) -> dict:
                     "seed": command.get("seed")}}
 
 
-def make_loader(ds: CacheDataset, cfg: TrainConfig, *, rank: int, world_size: int
-                ) -> CacheLoader:
+def make_loader(ds: CacheDataset, cfg: TrainConfig, *, rank: int, world_size: int,
+                teacher_fields: tuple[str, ...]) -> CacheLoader:
     """Per-rank loader of the rank's share of each global batch (batch_size / world_size
     samples: its streams' parts, see cache/loader.py); the trainer cuts it into
-    micro-batches. Teacher fields are read only as the method needs them."""
-    from .methods import METHODS
-    fields = (MOMENTS, LABEL, INDEX) + METHODS[cfg.align.method].fields
+    micro-batches. It reads the moments, labels and indices, and the `teacher_fields`
+    the method needs at the step it starts from (Method.fields_at)."""
+    fields = (MOMENTS, LABEL, INDEX) + tuple(teacher_fields)
     streams = cfg.data.streams or world_size
     per_stream = cfg.batch_size // streams
     window = max(per_stream, cfg.data.shuffle_buffer // per_stream * per_stream)

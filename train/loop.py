@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cache import open_cache
-from cache.format import INDEX, MOMENTS, atomic_write_bytes, state_sha256
+from cache.format import INDEX, LABEL, MOMENTS, atomic_write_bytes, state_sha256
 
 from .checkpoint import (CHECKPOINT_FILES, CheckpointError, checkpoints, choose_checkpoint,
                          init_from_checkpoint, resume_run, save_run_checkpoint)
@@ -141,6 +141,11 @@ class Run:
     metrics: Any = None               # Metrics
 
     @property
+    def teacher_fields(self) -> tuple[str, ...]:
+        """The teacher fields the loader reads now."""
+        return tuple(f for f in self.loader.cfg.fields if f not in (MOMENTS, LABEL, INDEX))
+
+    @property
     def net(self) -> torch.nn.Module:
         """The generator being trained (unwrapped), the module the EMA follows."""
         return self.acc.unwrap_model(self.student).net
@@ -151,12 +156,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
     run = setup(cfg, log)
     resume(run)
-    batches = _batches(run.loader)
+    batches = None
     run.student.train()
     while run.state.step < cfg.max_steps:
         change = run.method.phase_change(run.state.step)
         if change:   # the same step on every rank, and again after a resume from it
             _enter_phase(change, run.opt, run.ema, run.net, run.state.step, run.say)
+        fields = run.method.fields_at(run.state.step)
+        if batches is None or fields != run.teacher_fields:
+            batches = _read_fields(run, fields, batches)
         terms, timing = train_step(run, batches)
         after_step(run, terms, timing)
     run.metrics.close()
@@ -219,7 +227,8 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         student.net.compile()
     student, opt = acc.prepare(student, opt)
     ema.to(acc.device)
-    loader = make_loader(ds, cfg, rank=acc.process_index, world_size=world)
+    loader = make_loader(ds, cfg, rank=acc.process_index, world_size=world,
+                         teacher_fields=method.fields_at(0))
     meta = {"arch": m.arch, "config": flatten(cfg), "latent_scale": check.latent_scale,
             "files": CHECKPOINT_FILES, "cache": cache_info(ds)}   # what `train sample` reads
     run = Run(cfg, run_dir, acc, method, student, ema, opt, loader, TrainState(loader),
@@ -256,6 +265,26 @@ def resume(run: Run) -> None:
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in flatten(cfg).items()})
     run.metrics = Metrics(run)
+
+
+def _read_fields(run: Run, fields: tuple[str, ...], batches) -> Iterator:
+    """The batches of a loader that reads the teacher `fields` (the method's at this
+    step), from the current position: when they changed (HASTE stops reading its
+    targets after termination), a new loader takes over the old one's position, which
+    resumes exactly (the data order does not depend on the fields)."""
+    if batches is not None:
+        batches.close()   # the old loader's workers end with it
+    if fields != run.teacher_fields:
+        world = run.acc.num_processes
+        loader = make_loader(run.loader.ds, run.cfg, rank=run.acc.process_index,
+                             world_size=world, teacher_fields=fields)
+        loader.load_state_dict(run.loader.state_dict())
+        dropped = [f for f in run.teacher_fields if f not in fields]
+        run.loader = run.state.loader = loader
+        run.say(f"step {run.state.step + 1}: the loader reads "
+                f"{', '.join(loader.cfg.fields)}"
+                + (f" (no longer {', '.join(dropped)})" if dropped else ""))
+    return _batches(run.loader)
 
 
 def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]]

@@ -5,6 +5,7 @@ preset in configs/. The loop, the checkpoints, the metrics, `train sample` and `
 eval` only talk to this interface:
 
     the cache     fields            teacher fields read besides moments, label, index
+                  fields_at(step)   the fields a step reads (fewer after a termination)
                   check_cache       errors of a cache whose shapes do not fit
     the model     extend(net)       parts the generator keeps (EMA'd, sampled with, saved
                                     with the backbone): REG's CLS embedder and head,
@@ -85,6 +86,12 @@ class Method:
         self.align, self.args, self.model = align, args, model
 
     # ------------------------------------------------------------------ the cache
+    def fields_at(self, step: int) -> tuple[str, ...]:
+        """The teacher fields step `step` (0-based) reads: `fields`, or fewer once an
+        alignment stops (HASTE's termination), so that the loader reads no more bytes
+        than the step uses. The loop switches the loader when this changes."""
+        return self.fields
+
     def check_cache(self, spec, arch: str, latent_size: int) -> list[str]:
         """What does not fit between the cache's shapes and this method (one line each)."""
         if not self.aligns:
