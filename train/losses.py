@@ -4,6 +4,7 @@
     L_REPA = - mean_{b, n} cos(h_bn, y_bn)                          (token n with token n)
     L_ML   = mean_{i, j} (cos(y_i, y_j) - cos(h_i, h_j))^2           (all token pairs of the batch)
     L = L_v + lambda * (L_REPA + w * L_ML),  lambda = 0.25, w = 3 by default (U-REPA)
+    L_attn = - mean_{b, l, h, i} sum_j softmax(q k^T)_ij log softmax(s)_ij   (HASTE, section 6)
 """
 
 from __future__ import annotations
@@ -60,3 +61,30 @@ def manifold_loss_naive(h: torch.Tensor, y: torch.Tensor, *, pooled: bool = Fals
     hn = F.normalize(h.double().flatten(0, 1), dim=-1)
     yn = F.normalize(y.double().flatten(0, 1), dim=-1)
     return (yn @ yn.T - hn @ hn.T).pow(2).mean()
+
+
+def attention_loss(student_logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                   ) -> torch.Tensor:
+    """HASTE's attention distillation (methods.md section 6): token-wise cross-entropy of
+    the teacher's attention rows against the student's.
+
+        P = softmax_j(q k^T)      teacher, q [B, L, H, N, d] already scaled by d^-0.5
+        S = log_softmax_j(s)      student logits s [B, L, H, N, N] (pre-softmax)
+        L_attn = - mean_{b, l, h, i} sum_j P_ij S_ij
+
+    L mapped blocks, the student's first H heads against the teacher's H. Its minimum
+    over s is the teacher's mean row entropy, reached at s = q k^T (up to a per-row
+    constant). Only the student side carries a gradient; the teacher is detached.
+    """
+    # fp32 even inside a bf16 autocast region, as manifold_loss: bf16 logits round
+    # softmax rows of 256 keys coarsely, and the loss compares them entry by entry
+    device = student_logits.device.type
+    device = device if device != "meta" else "cpu"
+    with torch.autocast(device, enabled=False):
+        t = q.detach().float() @ k.detach().float().transpose(-2, -1)     # [B, L, H, N, N]
+        if student_logits.shape != t.shape:
+            raise ValueError(f"attention_loss: student logits {tuple(student_logits.shape)}"
+                             f" vs teacher q k^T {tuple(t.shape)}")
+        p = t.softmax(dim=-1)
+        logq = student_logits.float().log_softmax(dim=-1)
+        return -(p * logq).sum(dim=-1).mean()

@@ -90,11 +90,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, logits_from: int | None = None):
+        """Fused SDPA by default. `logits_from` = p: the same attention spelled out,
+        softmax(q k^T / sqrt(hd)) v, and also its pre-softmax logits among the tokens
+        from p on (the grid, without p prefix tokens) [B, H, N - p, N - p]."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)                        # [B, H, N, D/H]
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))               # [B, N, D]
+        if logits_from is None:
+            x = F.scaled_dot_product_attention(q, k, v)                    # [B, H, N, D/H]
+            return self.proj(x.transpose(1, 2).reshape(b, n, d))           # [B, N, D]
+        x, logits = explicit_attention(q, k, v)
+        return (self.proj(x.transpose(1, 2).reshape(b, n, d)),
+                logits[:, :, logits_from:, logits_from:])
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hd)) v with the logits kept: what SDPA computes, for blocks
+    whose attention map a method reads. q, k, v [B, H, N, hd] -> out, logits [B, H, N, N]."""
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5               # [B, H, N, N]
+    return logits.softmax(dim=-1).to(v.dtype) @ v, logits
 
 
 class SiTBlock(nn.Module):
@@ -110,10 +125,23 @@ class SiTBlock(nn.Module):
                                  nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logits_from: int | None = None):
+        """The new tokens; with `logits_from` (see Attention) also the attention logits."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        a = self.attn(modulate(self.norm1(x), shift1, scale1), logits_from=logits_from)
+        a, logits = a if logits_from is not None else (a, None)
+        x = x + gate1.unsqueeze(1) * a
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x if logits_from is None else (x, logits)
+
+
+def check_attn_logits(attn_logits, depth: int) -> tuple[int, ...]:
+    """The blocks (1-indexed) whose attention logits a forward returns, checked."""
+    blocks = tuple(int(k) for k in attn_logits)
+    bad = [k for k in blocks if not 1 <= k <= depth]
+    if bad:
+        raise ValueError(f"attn_logits: blocks {bad} outside 1..{depth}")
+    return blocks
 
 
 class FinalLayer(nn.Module):
@@ -140,6 +168,15 @@ def head_out(final_layer: FinalLayer, h: torch.Tensor, c: torch.Tensor, prefix: 
         return final_layer(h, c), None
     f = final_layer.features(h, c)
     return final_layer.linear(f[:, prefix:]), f[:, :prefix]
+
+
+def logits_tail(attn_logits, want: tuple[int, ...], logits: dict[int, torch.Tensor]
+                ) -> tuple:
+    """What a forward appends to its return value: () when attn_logits is None, else
+    (the computed logits in the order asked,) (a block asked twice appears twice)."""
+    if attn_logits is None:
+        return ()
+    return ([logits[k] for k in want if k in logits],)
 
 
 def initialize_sit_weights(model: nn.Module) -> None:
@@ -188,8 +225,8 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 align_depth: int | None = None, label_drop: torch.Tensor | None = None,
-                prefix: torch.Tensor | None = None, stop_after: int | None = None
-                ) -> tuple[torch.Tensor, ...]:
+                prefix: torch.Tensor | None = None, stop_after: int | None = None,
+                attn_logits: tuple[int, ...] | None = None) -> tuple:
         """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels (num_classes = null;
         a method may swap y_embedder for another condition). Returns the velocity
         [B, C, H, W] and, if align_depth = k, the hidden state output by block k
@@ -198,7 +235,20 @@ class SiT(nn.Module):
         A method's hooks: `prefix` [B, P, D] tokens are prepended to the patch tokens with
         a zero position (REG's CLS token); the return value is then (velocity, hidden,
         the prefix tokens' normed final features [B, P, D]) and hidden has P + N tokens.
-        `stop_after` = k returns (None, hidden) after block k (ERW's truncated warm-up)."""
+        `stop_after` = k returns (None, hidden) after block k (ERW's truncated warm-up).
+
+        `attn_logits` = (k1, k2, ...) (1-indexed blocks; HASTE): one more element is
+        appended to whatever the call returns otherwise, the list of those blocks'
+        pre-softmax attention logits q k^T / sqrt(head_dim), [B, heads, N, N] each in the
+        order asked, over the N grid tokens only (prefix tokens' rows and columns cut
+        away; they still take part in the attention itself): (v, hidden, logits) or
+        (v, hidden, prefix_features, logits), and (None, hidden, logits) with stop_after
+        (logits of blocks past stop_after are then not computed: the list is shorter).
+        Those blocks run softmax(logits) v spelled out instead of the fused kernel (the
+        same values); under checkpointing they are checkpointed like the others and
+        recompute their logits in the backward pass. None (not ()) returns the usual tuple."""
+        want = check_attn_logits(attn_logits or (), len(self.blocks))
+        logits: dict[int, torch.Tensor] = {}
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
         p = 0 if prefix is None else prefix.shape[1]
         if p:
@@ -206,16 +256,20 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, label_drop)  # [B, D]
         hidden = None
         for k, block in enumerate(self.blocks, start=1):
+            args = (h, c) + ((p,) if k in want else ())
             if self.checkpointing and self.training:
-                h = checkpoint(block, h, c, use_reentrant=False)
+                h = checkpoint(block, *args, use_reentrant=False)
             else:
-                h = block(h, c)
+                h = block(*args)
+            if k in want:
+                h, logits[k] = h
             if k == align_depth:
                 hidden = h
             if k == stop_after:
-                return None, hidden
+                return (None, hidden) + logits_tail(attn_logits, want, logits)
         out, pre = head_out(self.final_layer, h, c, p)
-        return (self.unpatchify(out), hidden) + ((pre,) if p else ())
+        return ((self.unpatchify(out), hidden) + ((pre,) if p else ())
+                + logits_tail(attn_logits, want, logits))
 
 
 SIT_SIZES: dict[str, dict] = {

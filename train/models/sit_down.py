@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, head_out,
-                  initialize_sit_weights, modulate, unpatchify)
+from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, check_attn_logits,
+                  explicit_attention, head_out, initialize_sit_weights, logits_tail,
+                  modulate, unpatchify)
 
 
 def rope_2d(head_dim: int, grid: int, *, stride: float = 1.0, offset: float = 0.0,
@@ -73,12 +74,19 @@ class RoPEAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                logits_from: int | None = None):
+        """Fused SDPA by default; `logits_from` = p as SiT's Attention: spelled out, and
+        also the logits (after RoPE) among the tokens from p on [B, H, N - p, N - p]."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # [B, H, N, hd]
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))               # [B, N, D]
+        if logits_from is None:
+            x = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(x.transpose(1, 2).reshape(b, n, d))           # [B, N, D]
+        x, logits = explicit_attention(q, k, v)
+        return (self.proj(x.transpose(1, 2).reshape(b, n, d)),
+                logits[:, :, logits_from:, logits_from:])
 
 
 def swiglu_hidden(dim: int, multiple: int = 64) -> int:
@@ -109,10 +117,15 @@ class SiTDownBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, logits_from: int | None = None):
+        """The new tokens; with `logits_from` (see RoPEAttention) also the logits."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        a = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin,
+                      logits_from=logits_from)
+        a, logits = a if logits_from is not None else (a, None)
+        x = x + gate1.unsqueeze(1) * a
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x if logits_from is None else (x, logits)
 
 
 def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -187,15 +200,15 @@ class SiTDown(nn.Module):
     def initialize_weights(self) -> None:
         initialize_sit_weights(self)  # SiT's, convs initialised like linears
 
-    def _run(self, block: SiTDownBlock, h, c, cos, sin) -> torch.Tensor:
+    def _run(self, block: SiTDownBlock, *args):
         if self.checkpointing and self.training:
-            return checkpoint(block, h, c, cos, sin, use_reentrant=False)
-        return block(h, c, cos, sin)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 align_depth: int | None = None, label_drop: torch.Tensor | None = None,
-                prefix: torch.Tensor | None = None, stop_after: int | None = None
-                ) -> tuple[torch.Tensor, ...]:
+                prefix: torch.Tensor | None = None, stop_after: int | None = None,
+                attn_logits: tuple[int, ...] | None = None) -> tuple:
         """x [B, C, H, W] noisy latent, t [B] in [0, 1], y [B] labels. Returns the velocity
         and, if align_depth = k, the hidden state output by block k (1-indexed) [B, N_k, D]
         (N_k = 64 inside the middle stage at 256 px, else 256).
@@ -203,7 +216,13 @@ class SiTDown(nn.Module):
         `prefix` and `stop_after` as SiT's (a method's hooks). Prefix tokens have no grid
         position: RoPE leaves them unrotated, the down/up convolutions and the output conv
         pass them unchanged, and the long skip fuses each with its stage-1 self through
-        the same Linear(2D -> D) as the grid tokens (docs/training.md, composition)."""
+        the same Linear(2D -> D) as the grid tokens (docs/training.md, composition).
+
+        `attn_logits` as SiT's: the list of the asked blocks' logits (after RoPE, grid
+        tokens only) appended last; a middle-stage block's are [B, heads, 64, 64] at
+        256 px (8x8 grid), the others' [B, heads, 256, 256]."""
+        want = check_attn_logits(attn_logits or (), len(self.blocks))
+        logits: dict[int, torch.Tensor] = {}
         n1, n2, _ = self.stages
         p = 0 if prefix is None else prefix.shape[1]
         fine = with_prefix((self.rope_fine_cos, self.rope_fine_sin), p)
@@ -220,15 +239,18 @@ class SiTDown(nn.Module):
             elif k == n1 + n2 + 1:                                         # 8x8 -> 16x16
                 h = on_grid(self.up, h, p)                                 # [B, P + 256, D]
                 h = self.skip(torch.cat([h, skip], dim=-1))                # [B, P + 256, D]
-            h = self._run(block, h, c, *(coarse if n1 < k <= n1 + n2 else fine))
+            rope = coarse if n1 < k <= n1 + n2 else fine
+            h = self._run(block, h, c, *rope, *((p,) if k in want else ()))
+            if k in want:
+                h, logits[k] = h
             if k == align_depth:
                 hidden = h
             if k == stop_after:
-                return None, hidden
+                return (None, hidden) + logits_tail(attn_logits, want, logits)
         h = on_grid(self.out_conv, h, p)                                   # [B, P + 256, D]
         out, pre = head_out(self.final_layer, h, c, p)                     # [B, 256, p*p*C]
         v = unpatchify(out, self.patch, self.in_channels, self.grid)
-        return (v, hidden) + ((pre,) if p else ())
+        return (v, hidden) + ((pre,) if p else ()) + logits_tail(attn_logits, want, logits)
 
 
 SIT_DOWN_SIZES: dict[str, dict] = {
