@@ -149,10 +149,11 @@ class Preview:
 
     def __init__(self, p, *, method, cache: dict, latent_scale: float,
                  shape: tuple[int, int, int], num_classes: int, seed: int,
-                 device: torch.device, precision: str, bank: str | None = None):
+                 device: torch.device, precision: str, training_cache: str | None = None):
         self.settings = SampleSettings(num=p.num, cfg=p.cfg, mode=p.mode, steps=p.steps,
                                        batch_size=p.num, seed=seed, vae=p.vae,
-                                       precision=precision, bank=bank)
+                                       precision=precision)
+        self.training_cache = training_cache
         self.decoder = Decoder(p.vae, cache, scale=latent_scale, device=device,
                                where=f"cache {cache.get('root')} (its manifest's provenance)")
         self.method, self.num_classes, self.device = method, num_classes, device
@@ -161,7 +162,8 @@ class Preview:
     def __call__(self, net: torch.nn.Module, path: Path) -> None:
         gen = block_generator(self.settings.seed, 0, self.device)
         sampling = self.method.sampling(net, self.settings, num_classes=self.num_classes,
-                                        dtype=PRECISIONS[self.settings.precision])
+                                        dtype=PRECISIONS[self.settings.precision],
+                                        cache=self.training_cache)
         z, _ = sample_block(sampling, self.settings, gen, self.shape)
         save_grid(path, self.decoder(z))
 
@@ -244,15 +246,14 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
     method = ck.method()
     check_options(s, method)
     cfg, meta, geo = ck.meta["config"], ck.meta, ck.model_kwargs()
-    if s.bank is None and method.name == "gmem":   # the cache that trained it, if still there
-        s = dataclasses.replace(s, bank=meta.get("cache", {}).get("root"))
     num_classes, size = geo["num_classes"], geo["latent_size"]
     shape = (s.batch_size, geo["in_channels"], size, size)
     warnings = []
     if s.cfg > 1 and float(cfg.get("model.label_dropout", 0.1)) == 0:
         warnings.append("cfg > 1 with a model trained without label dropout: its null class "
                         "was never trained, guidance is meaningless")
-    sampling = method.sampling(net, s, num_classes=num_classes, dtype=PRECISIONS[s.precision])
+    sampling = method.sampling(net, s, num_classes=num_classes, dtype=PRECISIONS[s.precision],
+                               cache=meta.get("cache", {}).get("root"))
     record = {"checkpoint": str(ck.path.absolute()), "checkpoint_format": ck.format,
               "arch": ck.arch, "step": ck.step, "method": method.name,
               **dataclasses.asdict(s), "interval": list(sampling.interval),

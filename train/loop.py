@@ -235,7 +235,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
               micro, accum, meta, say)
     if cfg.preview.every:  # every rank builds the decoder, so a bad one fails everywhere
         from .generate import Preview
-        preview = Preview(cfg.preview, method=method, bank=cfg.data.cache,
+        preview = Preview(cfg.preview, method=method, training_cache=cfg.data.cache,
                           cache=meta["cache"], latent_scale=check.latent_scale,
                           shape=(m.in_channels, m.latent_size, m.latent_size),
                           num_classes=m.num_classes, seed=cfg.seed, device=acc.device,

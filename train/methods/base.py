@@ -135,6 +135,12 @@ class Method:
         return step_draws(n, moments_shape, self.model.label_dropout, generator=generator,
                           device=device)
 
+    def condition(self, batch: dict[str, torch.Tensor], d: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the backbone is conditioned on and its training-time drop mask: the label
+        and the per-sample label drop (GMem: the CLS token and its element-wise mask)."""
+        return batch[LABEL], d["drop"]
+
     def align_weight(self, step: int) -> float:
         """lambda at step `step` (0-based: the step being computed)."""
         return self.align.weight
@@ -150,8 +156,9 @@ class Method:
         """The terms of one micro-batch ("loss" the total, the rest logged)."""
         x0 = posterior_sample(batch[MOMENTS], d["eps"], student.latent_scale)
         xt, v = interpolate(x0, d["noise"], d["t"])
-        v_pred, hidden = student.net(xt, d["t"], batch[LABEL], align_depth=student.depth,
-                                     label_drop=d["drop"])
+        y, drop = self.condition(batch, d)
+        v_pred, hidden = student.net(xt, d["t"], y, align_depth=student.depth,
+                                     label_drop=drop)
         out = {"loss_v": flow_loss(v_pred, v)}
         out["loss"] = out["loss_v"]
         if self.aligns:
@@ -173,9 +180,10 @@ class Method:
 
     # ------------------------------------------------------------------ sampling
     def sampling(self, net: nn.Module, settings, *, num_classes: int,
-                 dtype: torch.dtype) -> Sampling:
+                 dtype: torch.dtype, cache: str | None = None) -> Sampling:
         """How to sample `net` (this method's generator) with `settings` (SampleSettings:
-        cfg, interval, and the method-specific cls_cfg, bank)."""
+        cfg, interval, and the method-specific cls_cfg, bank); `cache` is the training
+        cache (as the checkpoint records it), for a method that draws from it."""
         return Sampling(net, settings, num_classes=num_classes, dtype=dtype,
                         interval=self.guidance_interval)
 
@@ -227,8 +235,11 @@ class Sampling:
         """The model's velocity of state x, autocast to the sampling dtype, in fp32."""
         with torch.autocast(x.device.type, dtype=self.dtype,
                             enabled=self.dtype != torch.float32):
-            out = self.net(x, t, cond)
-        return out[0].float()
+            return self.forward(x, t, cond).float()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The velocity of state x given the conditions (under velocity's autocast)."""
+        return self.net(x, t, cond)[0]
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """The latent part of a final state."""

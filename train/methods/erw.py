@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cache.format import LABEL, MOMENTS, TOKENS
+from cache.format import MOMENTS, TOKENS
 
 from ..models import num_blocks
 from .base import Method, PhaseChange, posterior_sample, register
@@ -106,8 +106,9 @@ class ERW(Method):
         x0 = posterior_sample(batch[MOMENTS], d["eps"], student.latent_scale)  # [B, C, h, w]
         t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)     # [B]
         depth = self.args.l2r_depth
-        _, hidden = student.net(x0, t, batch[LABEL], align_depth=depth, stop_after=depth,
-                                label_drop=d["drop"])                      # [B, N, D]
+        y, drop = self.condition(batch, d)
+        _, hidden = student.net(x0, t, y, align_depth=depth, stop_after=depth,
+                                label_drop=drop)                           # [B, N, D]
         return self.aligned(student, hidden, batch[TOKENS], step, hidden.new_zeros(()))
 
     def phase_change(self, step: int) -> PhaseChange | None:

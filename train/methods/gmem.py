@@ -52,10 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cache.format import CLS, MOMENTS, TOKENS, CacheError
+from cache.format import CLS, TOKENS, CacheError
 
-from ..losses import flow_loss, interpolate
-from .base import Method, Sampling, posterior_sample, register, step_draws
+from .base import Method, Sampling, register
 
 
 @dataclass
@@ -123,45 +122,39 @@ class GMem(Method):
     def draws(self, n: int, moments_shape: tuple[int, ...], *,
               generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
         """The common draws (their label drop unused), then the CLS dropout mask [n, D]."""
-        d = step_draws(n, moments_shape, self.model.label_dropout, generator=generator,
-                       device=device)
+        d = super().draws(n, moments_shape, generator=generator, device=device)
         d["cond_drop"] = torch.rand((n, self.align.teacher_dim), generator=generator,
                                     device=device) < self.args.cond_dropout     # [n, D]
         return d
 
-    def loss(self, student: nn.Module, batch: dict[str, torch.Tensor],
-             d: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        x0 = posterior_sample(batch[MOMENTS], d["eps"], student.latent_scale)
-        xt, v = interpolate(x0, d["noise"], d["t"])
-        cond = F.normalize(batch[CLS].float(), p=2, dim=1)                 # [B, D]
-        v_pred, hidden = student.net(xt, d["t"], cond, align_depth=student.depth,
-                                     label_drop=d["cond_drop"])
-        out = {"loss_v": flow_loss(v_pred, v)}
-        out["loss"] = out["loss_v"]
-        out.update(self.aligned(student, hidden, batch[TOKENS], step, out["loss"]))
-        return out
+    def condition(self, batch: dict[str, torch.Tensor], d: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The L2-normalised CLS token [B, D] and its element-wise dropout mask."""
+        return F.normalize(batch[CLS].float(), p=2, dim=1), d["cond_drop"]
 
     # ------------------------------------------------------------------ sampling
     def sampling(self, net: nn.Module, settings, *, num_classes: int,
-                 dtype: torch.dtype) -> Sampling:
+                 dtype: torch.dtype, cache: str | None = None) -> Sampling:
+        """Conditions from `settings.bank`, by default the training `cache` itself."""
         from cache.bank import open_bank
 
         from ..generate import SampleError   # here: train.generate imports this package
-        if not settings.bank:
+        path = settings.bank or cache
+        if not path:
             raise SampleError("GMem samples from a bank of CLS tokens: pass --bank FILE "
                               "(`pipeline bank CACHE OUT`) or --bank CACHE_DIR (the "
                               "training cache is no longer recorded or reachable)")
         try:
-            bank = open_bank(settings.bank)
+            bank = open_bank(path)
         except (CacheError, OSError) as e:
-            raise SampleError(f"--bank {settings.bank}: {e}") from None
+            raise SampleError(f"--bank {path}: {e}") from None
         width = net.y_embedder.in_dim
         if bank.dim != width:
             raise SampleError(f"--bank {bank.path}: {bank.dim}-d CLS rows, the model's "
                               f"condition takes {width}-d (align.teacher_dim): a bank of "
                               "another teacher")
-        return BankSampling(net, settings, bank=bank, num_classes=num_classes, dtype=dtype,
-                            interval=self.guidance_interval)
+        return BankSampling(net, settings, bank=bank, source=path, num_classes=num_classes,
+                            dtype=dtype, interval=self.guidance_interval)
 
     def describe(self, net: nn.Module) -> str:
         return (f"gmem (CLS condition, dropout {self.args.cond_dropout}), REPA at block "
@@ -172,14 +165,15 @@ class BankSampling(Sampling):
     """Conditions are bank rows: [row, c_cls] float64 [n, 1 + D] (see the module
     docstring); the null condition is c_cls = 0."""
 
-    def __init__(self, net: nn.Module, settings, *, bank, num_classes: int,
+    def __init__(self, net: nn.Module, settings, *, bank, source: str, num_classes: int,
                  dtype: torch.dtype, interval: tuple[float, float]):
         super().__init__(net, settings, num_classes=num_classes, dtype=dtype,
                          interval=interval)
-        self.bank = bank
+        self.bank, self.source = bank, source
 
     def record(self) -> dict[str, Any]:
-        return {"bank_identity": self.bank.identity()}
+        """The bank as given (--bank, or the training cache by default) and its digest."""
+        return {"bank": self.source, "bank_identity": self.bank.identity()}
 
     def condition(self, generator: torch.Generator, n: int) -> torch.Tensor:
         rows = torch.randint(self.bank.rows, (n,), generator=generator,
@@ -197,5 +191,5 @@ class BankSampling(Sampling):
         out[:, 0] = -1                                                      # no bank row
         return out
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return super().velocity(x, t, cond[:, 1:].float())
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t, cond[:, 1:].float())                  # c_cls [n, D]

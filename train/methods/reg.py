@@ -58,10 +58,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cache.format import CLS, LABEL, MOMENTS, TOKENS
+from cache.format import CLS, MOMENTS, TOKENS
 
 from ..losses import flow_loss, interpolate
-from .base import Method, Sampling, posterior_sample, register, step_draws
+from .base import Method, Sampling, posterior_sample, register
 from .urepa import URepa
 
 
@@ -125,8 +125,7 @@ class REG(Method):
     # ------------------------------------------------------------------ training
     def draws(self, n: int, moments_shape: tuple[int, ...], *,
               generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
-        d = step_draws(n, moments_shape, self.model.label_dropout, generator=generator,
-                       device=device)
+        d = super().draws(n, moments_shape, generator=generator, device=device)
         d["cls_noise"] = torch.randn((n, self.align.teacher_dim), generator=generator,
                                      device=device)                        # [n, D_t]
         return d
@@ -137,9 +136,9 @@ class REG(Method):
         xt, v = interpolate(x0, d["noise"], d["t"])                        # [B, C, h, w]
         c = batch[CLS].float()                                             # [B, D_t]
         ct, vc = interpolate(c, d["cls_noise"], d["t"])                    # [B, D_t]
+        y, drop = self.condition(batch, d)
         v_pred, hidden, vc_pred = cls_velocity(
-            student.net, xt, d["t"], batch[LABEL], ct, align_depth=student.depth,
-            label_drop=d["drop"])
+            student.net, xt, d["t"], y, ct, align_depth=student.depth, label_drop=drop)
         out = {"loss_v": flow_loss(v_pred, v), "loss_cls": flow_loss(vc_pred, vc)}
         total = out["loss_v"] + self.args.cls_weight * out["loss_cls"]
         y = torch.cat([c[:, None], batch[TOKENS].float()], dim=1)          # [B, 1 + N, D_t]
@@ -148,7 +147,7 @@ class REG(Method):
 
     # ------------------------------------------------------------------ sampling
     def sampling(self, net: nn.Module, settings, *, num_classes: int,
-                 dtype: torch.dtype) -> Sampling:
+                 dtype: torch.dtype, cache: str | None = None) -> Sampling:
         return RegSampling(net, settings, num_classes=num_classes, dtype=dtype,
                            interval=self.guidance_interval, cls_dim=self.align.teacher_dim)
 
@@ -209,11 +208,9 @@ class RegSampling(Sampling):
         s[:, self.latent_numel:] = self.cls_cfg
         return s
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         z, c = self.split(x)
-        with torch.autocast(x.device.type, dtype=self.dtype,
-                            enabled=self.dtype != torch.float32):
-            v, _, vc = cls_velocity(self.net, z, t, cond, c)
+        v, _, vc = cls_velocity(self.net, z, t, cond, c)
         return torch.cat([v.float().flatten(1), vc.float()], dim=1)        # [n, F]
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
