@@ -15,7 +15,8 @@ column in memory (ImageNet: 1,281,167 x 768 fp16 = 1.97 GB):
               cache_dataset_sha256, cache_root, view "0", rows N, dim D
 
 A bank file is input from disk: its header is parsed here (not by the safetensors
-library) and every size, offset, dtype and shape is checked against the file's size
+library, which does not expose the byte offsets that random rows are read through by a
+memory map) and every size, offset, dtype and shape is checked against the file's size
 before a byte of data is used; then the labels and indices are checked, and the CLS
 rows for finiteness. Any problem is one BankError line naming the file and the fix.
 """

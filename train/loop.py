@@ -37,7 +37,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -139,6 +139,12 @@ class Run:
     say: Callable[[str], None]        # log on the main process only
     preview: Any = None               # generate.Preview on the main process, when asked
     metrics: Any = None               # Metrics
+    trained: list = field(init=False)  # the parameters AdamW updates (clipped together)
+    draw_gen: Any = field(init=False)  # the steps' draws' generator (reseeded per stream)
+
+    def __post_init__(self) -> None:
+        self.trained = [p for p in self.student.parameters() if p.requires_grad]
+        self.draw_gen = torch.Generator(device=self.acc.device)
 
     @property
     def teacher_fields(self) -> tuple[str, ...]:
@@ -312,8 +318,7 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]]
             acc.backward(out["loss"] / run.accum)
         for name, v in out.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float() / run.accum
-    params = [p for p in run.student.parameters() if p.requires_grad]
-    grad_norm = acc.clip_grad_norm_(params, o.grad_clip or math.inf)
+    grad_norm = acc.clip_grad_norm_(run.trained, o.grad_clip or math.inf)
     names = sorted(sums)
     terms = acc.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
     bad_grad = cfg.mixed_precision != "fp16" and not torch.isfinite(grad_norm)
@@ -332,7 +337,7 @@ def _draws(run: Run, moments_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The step's random draws for this process's samples: each of its streams' from a
     generator seeded by (seed, step, stream), in batch order."""
     per_stream = run.cfg.batch_size // run.cfg.data.streams
-    gen = torch.Generator(device=run.acc.device)
+    gen = run.draw_gen
     parts = []
     for stream in run.loader.own:
         gen.manual_seed(stream_seed(run.cfg.seed, run.state.step, stream))
