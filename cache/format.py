@@ -52,6 +52,11 @@ LATENT_SCALE = 0.18215
 # (channels [C, 2C)); `tokens` the teacher's final-norm patch tokens; `cls` its CLS token.
 MOMENTS, TOKENS, TOKENS_SCALE, CLS, LABEL, INDEX, KEY = (
     "moments", "tokens", "tokens_scale", "cls", "label", "index", "key")
+# HASTE's attention targets (only in a cache encoded with --teacher-attn): per view, chosen
+# teacher block, q|k and head, the patch tokens' q * head_dim^-0.5 and k; logits = q k^T
+ATTN, ATTN_SCALE = "attn_qk", "attn_qk_scale"
+# int8 fields and the fp16 scale field each brings (x = q * scale over the last axis)
+SCALES = {TOKENS: TOKENS_SCALE, ATTN: ATTN_SCALE}
 FLOAT_DTYPES = ("float16", "float32")
 
 # Documented limits on sizes read from a manifest (docs/cache-format.md): far above any
@@ -65,6 +70,9 @@ MAX_DIM = 2**16  # tokens, token width, latent size and channels
 MAX_MANIFEST_BYTES = 2**30  # ImageNet's: ~150 KB, plus ~100 B per failed sample
 MAX_MARKER_BYTES = 2**26  # a shard of 65,536 wds samples' checksums: ~5 MB
 TOKEN_DTYPES = ("float16", "int8")
+ATTN_DTYPES = ("float16", "int8")
+MAX_BLOCKS = 256  # teacher blocks (DINOv2-g has 40)
+ATTN_KEYS = ("attn_blocks", "attn_heads", "attn_head_dim", "attn_dtype")
 
 
 class CacheError(Exception):
@@ -139,12 +147,20 @@ class CacheSpec:
     moments_dtype: str = "float16"
     token_dtype: str = "float16"  # or "int8" with a per-token fp16 scale
     compression: str | None = None  # None, or "zstd" (zarr backend only)
+    # teacher attention (HASTE): blocks (0-indexed, increasing) whose per-head q and k are
+    # stored; none by default. A spec without them writes none of these keys (older
+    # manifests are unchanged)
+    attn_blocks: tuple[int, ...] = ()
+    attn_heads: int = 0
+    attn_head_dim: int = 0
+    attn_dtype: str = "float16"  # or "int8" with an fp16 scale per (token, head)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
             raise ValueError(f"CacheSpec.{field}={getattr(self, field)!r}: {why}")
 
         object.__setattr__(self, "backends", tuple(self.backends))
+        object.__setattr__(self, "attn_blocks", tuple(self.attn_blocks))
         if self.num_samples < 1:
             bad("num_samples", "must be >= 1")
         if self.shard_size < 1:
@@ -166,6 +182,19 @@ class CacheSpec:
         for name in ("latent_channels", "latent_size", "tokens", "token_dim"):
             if not 1 <= getattr(self, name) <= MAX_DIM:
                 bad(name, f"must be in [1, {MAX_DIM}]")
+        if self.attn_blocks:
+            if any(not _is_int(b) for b in self.attn_blocks) or min(self.attn_blocks) < 0 \
+                    or max(self.attn_blocks) >= MAX_BLOCKS \
+                    or list(self.attn_blocks) != sorted(set(self.attn_blocks)):
+                bad("attn_blocks", f"must be distinct increasing block numbers in "
+                                   f"[0, {MAX_BLOCKS})")
+            for name in ("attn_heads", "attn_head_dim"):
+                if not 1 <= getattr(self, name) <= MAX_DIM:
+                    bad(name, f"must be in [1, {MAX_DIM}] when attn_blocks are stored")
+            if self.attn_dtype not in ATTN_DTYPES:
+                bad("attn_dtype", f"choose one of {ATTN_DTYPES}")
+        elif (self.attn_heads, self.attn_head_dim, self.attn_dtype) != (0, 0, "float16"):
+            bad("attn_heads", "attention sizes without attn_blocks")
         if self.num_samples > MAX_SAMPLES:
             bad("num_samples", f"exceeds the documented limit {MAX_SAMPLES:,}")
         if self.shard_size > MAX_SHARD_SIZE:
@@ -199,6 +228,11 @@ class CacheSpec:
         if self.token_dtype == "int8":
             out[TOKENS_SCALE] = FieldSpec((v, self.tokens), "float16")
         out[CLS] = FieldSpec((v, self.token_dim), "float16")
+        if self.attn_blocks:
+            qk = (v, len(self.attn_blocks), 2, self.attn_heads, self.tokens)
+            out[ATTN] = FieldSpec((*qk, self.attn_head_dim), self.attn_dtype)
+            if self.attn_dtype == "int8":
+                out[ATTN_SCALE] = FieldSpec(qk, "float16")
         out[LABEL] = FieldSpec((), "int64")
         out[INDEX] = FieldSpec((), "int64")
         out[KEY] = FieldSpec((), "str")
@@ -211,6 +245,11 @@ class CacheSpec:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["backends"] = list(self.backends)
+        if self.attn_blocks:
+            d["attn_blocks"] = list(self.attn_blocks)
+        else:  # a cache without attention has the manifest it had before they existed
+            for name in ATTN_KEYS:
+                del d[name]
         return d
 
     @classmethod
@@ -229,11 +268,14 @@ class CacheSpec:
             ok = {"int": _is_int(value), "str": isinstance(value, str),
                   "str | None": value is None or isinstance(value, str),
                   "tuple[str, ...]": isinstance(value, list)
-                  and all(isinstance(b, str) for b in value)}.get(kind)
+                  and all(isinstance(b, str) for b in value),
+                  "tuple[int, ...]": isinstance(value, list)
+                  and len(value) <= MAX_BLOCKS and all(_is_int(b) for b in value)}.get(kind)
             if not ok:
                 raise DamagedCacheError(f"manifest spec.{name} = {value!r}: expected {kind}")
         try:
-            return cls(**{**d, "backends": tuple(d.get("backends", ("zarr",)))})
+            return cls(**{**d, "backends": tuple(d.get("backends", ("zarr",))),
+                          "attn_blocks": tuple(d.get("attn_blocks", ()))})
         except ValueError as e:
             raise DamagedCacheError(f"manifest {e}") from None
 

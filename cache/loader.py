@@ -37,11 +37,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .format import CLS, INDEX, LABEL, MOMENTS, TOKENS, TOKENS_SCALE, CacheError
+from .format import (ATTN, ATTN_SCALE, CLS, INDEX, LABEL, MOMENTS, SCALES, TOKENS, TOKENS_SCALE,
+                     CacheError)
 from .quant import dequantize_tokens
 from .reader import CacheDataset, open_cache
 
-_VIEW_FIELDS = (MOMENTS, TOKENS, TOKENS_SCALE, CLS)  # fields with a leading view axis
+# fields with a leading view axis
+_VIEW_FIELDS = (MOMENTS, TOKENS, TOKENS_SCALE, CLS, ATTN, ATTN_SCALE)
+_FIELDS = (MOMENTS, TOKENS, CLS, ATTN, LABEL, INDEX)  # what a loader may be asked for
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -55,7 +58,7 @@ class LoaderConfig:
     block_size: int = 8  # contiguous samples read together; 8 x 394 KB reads at 256 px
     shuffle_buffer: int = 1024  # samples per window; a multiple of batch_size
     view: str = "random"  # with 2 stored views: "random" per sample, "first", or "all"
-    dequantize: bool = True  # int8 tokens -> fp16 in the worker (else tokens + tokens_scale)
+    dequantize: bool = True  # int8 tokens, attn_qk -> fp16 in the worker (else + their scale)
     num_workers: int = 0
     prefetch_factor: int = 2  # windows in flight per worker
     pin_memory: bool | None = None  # None: when CUDA is available
@@ -84,9 +87,9 @@ class LoaderConfig:
             bad("view", "choose 'random', 'first' or 'all'")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
-        unknown = [f for f in self.fields if f not in (MOMENTS, TOKENS, CLS, LABEL, INDEX)]
+        unknown = [f for f in self.fields if f not in _FIELDS]
         if unknown:
-            bad("fields", f"unknown {unknown}; choose from {[MOMENTS, TOKENS, CLS, LABEL, INDEX]}")
+            bad("fields", f"unknown {unknown}; choose from {list(_FIELDS)}")
 
 
 def batches_per_rank(num_valid: int, *, block_size: int, world_size: int,
@@ -180,8 +183,12 @@ class _WindowFetcher(Dataset):
     def __init__(self, ds: CacheDataset, cfg: LoaderConfig):
         self.ds, self.cfg = ds, cfg
         fields = list(cfg.fields)
-        if TOKENS in fields and ds.spec.token_dtype == "int8":
-            fields.append(TOKENS_SCALE)
+        missing = [f for f in fields if f != INDEX and f not in ds.spec.fields]
+        if missing:
+            raise ValueError(f"{ds.root} holds no {missing} (it has {list(ds.spec.fields)})"
+                             + (": encode one with `pipeline encode --teacher-attn ...`"
+                                if ATTN in missing else ""))
+        fields += [SCALES[f] for f in fields if f in SCALES and SCALES[f] in ds.spec.fields]
         self.read_fields = [f for f in fields if f != INDEX]
         self.pool = _BufferPool()
 
@@ -196,8 +203,10 @@ class _WindowFetcher(Dataset):
             out[INDEX] = torch.from_numpy(task.indices.copy())
         if task.views is not None:
             out["view"] = torch.from_numpy(task.views.astype(np.int64))
-        if TOKENS_SCALE in out and self.cfg.dequantize:
-            out[TOKENS] = dequantize_tokens(out[TOKENS], out.pop(TOKENS_SCALE))
+        if self.cfg.dequantize:
+            for name, scale in SCALES.items():
+                if scale in out:
+                    out[name] = dequantize_tokens(out[name], out.pop(scale))
         return out
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .format import (INDEX, KEY, LABEL, TOKENS, TOKENS_SCALE, CacheSpec, DamagedCacheError,
+from .format import (INDEX, KEY, LABEL, SCALES, CacheSpec, DamagedCacheError,
                      FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards, latent_channel_stats,
                      read_done_marker, read_manifest)
 from .markers import check_marker, expected_files, file_digest, load_marker
@@ -172,13 +172,15 @@ class CacheDataset:
             raise IncompleteCacheError(f"sample {i}: shard {shard} is not written yet")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Sample i with tokens dequantized to fp16: moments, tokens, cls, label, index, key."""
+        """Sample i with int8 fields dequantized to fp16: moments, tokens, cls, [attn_qk],
+        label, index, key."""
         i = int(i)
         self._check_available(i)
         names = [n for n in self.spec.fields if n != KEY]
         row = {k: v[0] for k, v in self.gather(np.array([i]), names).items()}
-        if TOKENS_SCALE in row:
-            row[TOKENS] = dequantize_tokens(row[TOKENS], row.pop(TOKENS_SCALE)).numpy()
+        for name, scale in SCALES.items():
+            if scale in row:
+                row[name] = dequantize_tokens(row[name], row.pop(scale)).numpy()
         row[LABEL], row[INDEX] = int(row[LABEL]), int(row[INDEX])
         row[KEY] = self.reader.read_keys(i, i + 1)[0]
         return row

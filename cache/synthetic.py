@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .format import CLS, KEY, LABEL, MOMENTS, TOKENS, CacheSpec
+from .format import ATTN, CLS, KEY, LABEL, MOMENTS, TOKENS, CacheSpec
 from .writer import create_cache, finalize_cache
 
 
@@ -24,13 +24,17 @@ def synthetic_sample(spec: CacheSpec, i: int, seed: int = 0,
     std = rng.uniform(0.01, 0.5, (v, c, s, s)).astype(np.float32)
     mean[:, 0, 0, 0] = i % 2048
     tokens = rng.standard_normal((v, spec.tokens, spec.token_dim), dtype=np.float32)
-    return {
+    out = {
         MOMENTS: np.concatenate([mean, std], axis=1),
         TOKENS: tokens,
         CLS: rng.standard_normal((v, spec.token_dim), dtype=np.float32),
         LABEL: np.int64(i * 7919 % num_classes),  # classes spread over the index
         KEY: f"synthetic/{i:08d}.png",
     }
+    if spec.attn_blocks:   # q, k [V, L, 2, H, T, d] (fp16: the encoder's output)
+        out[ATTN] = rng.standard_normal(spec.fields[ATTN].shape, dtype=np.float32
+                                        ).astype(np.float16)
+    return out
 
 
 def synthetic_shard(spec: CacheSpec, shard: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .format import (CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
+from .format import (ATTN, ATTN_SCALE, CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL, LATENT_SCALE,
                      MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE, VOLATILE_PROVENANCE,
                      CacheMismatchError, CacheSpec, DamagedCacheError, IncompleteCacheError,
                      dataset_sha256, done_marker_key, done_shards, json_bytes,
@@ -73,9 +73,16 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
         problems = _diff(m["spec"], spec.to_json())
         problems += _diff(m.get("provenance", {}), provenance, ignore=VOLATILE_PROVENANCE)
         if problems:
+            why = ""
+            if any(p.startswith("attn_") for p in problems):
+                why = ("\n  (the teacher attention is part of every shard: it cannot be "
+                       "added to or dropped from a cache once created. Encode into a new "
+                       "--out; the attention comes from the same teacher forward as the "
+                       "tokens, so that costs one encode)")
             raise CacheMismatchError(
                 f"{root} already holds a cache built with other parameters; use a new "
-                "--out directory or the original parameters:\n  " + "\n  ".join(problems))
+                "--out directory or the original parameters:\n  " + "\n  ".join(problems)
+                + why)
     else:
         root.makedirs()
         for backend in spec.backends:
@@ -97,11 +104,27 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
             "tokens": {"dtype": spec.token_dtype,
                        "quantization": ("int8 absmax per token, fp16 scale in tokens_scale"
                                         if spec.token_dtype == "int8" else None)},
+            **({"attention": attention_record(spec)} if spec.attn_blocks else {}),
             "provenance": {**provenance, "created": _now(), "software": software_versions()},
             **zarr_meta,
         }
         root.write_bytes(MANIFEST_NAME, json_bytes(sealed(manifest)))
     return CacheWriter(root)
+
+
+def attention_record(spec: CacheSpec) -> dict[str, Any]:
+    """The manifest's description of the stored teacher attention (HASTE)."""
+    return {
+        "field": ATTN, "teacher_blocks": list(spec.attn_blocks), "heads": spec.attn_heads,
+        "head_dim": spec.attn_head_dim, "tokens": spec.tokens, "dtype": spec.attn_dtype,
+        "layout": f"{ATTN}[v, l, 0] = q, {ATTN}[v, l, 1] = k of teacher block "
+                  "attn_blocks[l], per head, over the patch tokens (CLS and registers "
+                  "dropped), after the block's q/k norm",
+        "scaling": "q is stored pre-multiplied by head_dim^-0.5: the pre-softmax logits "
+                   "are q @ k^T (no temperature)",
+        "quantization": (f"int8 absmax per (token, head) over head_dim, fp16 scale in "
+                         f"{ATTN_SCALE}" if spec.attn_dtype == "int8" else None),
+    }
 
 
 class CacheWriter:
@@ -133,7 +156,7 @@ class CacheWriter:
         spec, fields = self.spec, self.spec.fields
         start, stop = spec.shard_range(shard)
         n = stop - start
-        need = (MOMENTS, TOKENS, CLS, LABEL, KEY)
+        need = (MOMENTS, TOKENS, CLS, LABEL, KEY) + ((ATTN,) if spec.attn_blocks else ())
         missing = [k for k in need if k not in arrays]
         if missing:
             raise ValueError(f"shard {shard}: missing fields {missing} (need {list(need)})")
@@ -150,7 +173,7 @@ class CacheWriter:
             if a.shape != (n, *want):
                 raise ValueError(f"shard {shard}: field {name!r} has shape {a.shape}, "
                                  f"expected {(n, *want)}")
-            if a.dtype.kind == "f":
+            if a.dtype.kind == "f" and name != ATTN:   # ATTN: checked once, as stored
                 bad = ok & ~np.isfinite(a.reshape(n, -1)).all(axis=1)
                 if bad.any():
                     raise ValueError(f"shard {shard}: field {name!r} has NaN/Inf in rows "
@@ -165,9 +188,32 @@ class CacheWriter:
             out[name][~ok] = -1 if name == LABEL else 0
         if spec.token_dtype == "int8":
             out[TOKENS], out[TOKENS_SCALE] = quantize_tokens(out[TOKENS])
+        if ATTN in out:
+            out.update(self._attention(shard, out[ATTN], ok))
         out[INDEX] = np.arange(start, stop, dtype=np.int64)
         out[KEY] = np.asarray([str(k) for k in out[KEY]], dtype=object)
         return out
+
+    def _attention(self, shard: int, qk: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        """q, k [n, V, L, 2, H, T, d] in storage form. 3 MiB per sample and view at 256 px
+        (DINOv2-B, 4 blocks): no converting copy when they come as fp16 (the encoder's
+        output), and one check that the fp16 values are finite (q, k beyond fp16's range
+        would be stored as Inf)."""
+        qk = qk.astype(np.float32 if self.spec.attn_dtype == "int8" else np.float16,
+                       copy=False)
+        if not ok.all():   # a copy: the caller's array (may be read-only: Ray's) stays
+            qk = qk.copy()
+            qk[~ok] = 0
+        bad = ok & ~np.isfinite(qk.reshape(len(qk), -1)).all(axis=1)
+        if bad.any():
+            start = self.spec.shard_range(shard)[0]
+            raise ValueError(f"shard {shard}: teacher q/k of rows "
+                             f"{(np.flatnonzero(bad) + start).tolist()[:10]} (global indices) "
+                             "are not finite in fp16 (NaN, or beyond its range)")
+        if self.spec.attn_dtype == "int8":
+            q, scale = quantize_tokens(qk)
+            return {ATTN: q, ATTN_SCALE: scale}
+        return {ATTN: qk}
 
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray],
                     failures: Mapping[int, str] | None = None, *,

@@ -40,6 +40,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if "channel_stats" in lat:
         print(f"           channel mean {lat['channel_stats'].get('mean')}")
         print(f"           channel std  {lat['channel_stats'].get('std')}")
+    if spec.attn_blocks:
+        print(f"attention  teacher blocks {list(spec.attn_blocks)}, {spec.attn_heads} heads x "
+              f"{spec.attn_head_dim}, {spec.attn_dtype}; q stored x head_dim^-0.5, logits = "
+              "q k^T over the patch tokens")
     print("provenance")
     for k, v in prov.items():
         text = json.dumps(v) if not isinstance(v, str) else v
@@ -118,6 +122,13 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--random-weights", action="store_true",
       help="random-init models (smoke tests and benchmarks only; recorded in the manifest)")
     a("--token-dtype", default="fp16", choices=("fp16", "int8"))
+    a("--teacher-attn", type=_blocks, default=(), metavar="B,B,...",
+      help="also store the per-head q, k of these teacher blocks (0-indexed) for HASTE's "
+           "attention term, from the same forward: 8,9,10,11 for HASTE on SiT-L/XL, 7,9,11 "
+           "on SiT-B (3 MiB per image for 4 blocks of DINOv2-B at 256 px in fp16)")
+    a("--attn-dtype", default="fp16", choices=("fp16", "int8"),
+      help="storage of --teacher-attn: fp16, or int8 with an fp16 scale per (token, head) "
+           "(half the bytes; docs/cache-format.md has the error of each)")
     a("--moments-dtype", default="fp16", choices=("fp16", "fp32"))
     a("--shard-size", type=int, default=1024, help="images per shard (unit of work)")
     a("--batch-size", type=int, help="images per encoder pass (default 256 on GPU, 8 on CPU)")
@@ -140,6 +151,14 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
            "job known to be gone whose lock has not expired (another machine's lock expires "
            "10 min after its last heartbeat; a dead job on this machine needs no flag)")
     a("--dry-run", action="store_true", help="list, load the models, print the plan, stop")
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block "
+                                         "numbers (0-indexed), e.g. 8,9,10,11")
+    return tuple(int(p) for p in parts)
 
 
 def _positive(text: str) -> int:

@@ -251,6 +251,17 @@ def teacher_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                          antialias=False)
 
 
+def check_attn_blocks(teacher: torch.nn.Module, blocks) -> tuple[int, ...]:
+    """`--teacher-attn` blocks (0-indexed) as a sorted tuple, each a block of `teacher`."""
+    blocks = tuple(sorted(set(int(b) for b in blocks)))
+    depth = len(teacher.blocks)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"--teacher-attn {','.join(map(str, bad))}: the teacher has blocks "
+                         f"0..{depth - 1} (0-indexed; HASTE's are 8,9,10,11 of DINOv2-B)")
+    return blocks
+
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -263,7 +274,8 @@ class Encoder:
 
     def __init__(self, vae: torch.nn.Module, teacher: torch.nn.Module, *, resolution: int,
                  device: str | torch.device = "cpu", precision: str = "fp32",
-                 batch_size: int = 64, compile: bool = False):
+                 batch_size: int = 64, compile: bool = False,
+                 attn_blocks: tuple[int, ...] = ()):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
@@ -278,9 +290,31 @@ class Encoder:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._vae_encoder, self._teacher_fwd = self.vae.encoder, self.teacher.forward_features
+        self.attn_blocks = check_attn_blocks(teacher, attn_blocks)
+        self._qk: dict[int, torch.Tensor] = {}
+        self._armed = False   # the hooks keep q, k only inside this encoder's forward
+        for b in self.attn_blocks:   # before compile: the hooks are traced with the forward
+            teacher.blocks[b].attn.qkv.register_forward_hook(self._keep_qk(b))
         if compile:
             self._vae_encoder = torch.compile(self._vae_encoder)
             self._teacher_fwd = torch.compile(self._teacher_fwd)
+
+    def _keep_qk(self, block: int):
+        """A forward hook on teacher block `block`'s qkv projection: keeps q * head_dim^-0.5
+        and k of the patch tokens [B, H, T, d], as the block's attention uses them (after
+        its q/k norm), in fp16: the logits the block softmaxes are their product."""
+        attn = self.teacher.blocks[block].attn
+
+        def hook(_module, _inputs, out: torch.Tensor) -> None:
+            if not self._armed:   # another user of the same teacher module
+                return
+            n, tokens, _ = out.shape
+            qkv = out.view(n, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])              # [B, H, N, d]
+            p = self.prefix                                       # CLS (+ registers)
+            self._qk[block] = torch.stack([q[:, :, p:].float() * attn.scale,
+                                           k[:, :, p:].float()], 1).half()  # [B, 2, H, T, d]
+        return hook
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -300,23 +334,37 @@ class Encoder:
         post = DiagonalGaussianDistribution(h.float())
         moments = torch.cat([post.mean, post.std], dim=1)                # [B, 2C, R/8, R/8]
         t = teacher_pixels(x, self.mean, self.std, self.teacher_size)    # [B, 3, 224, 224]
-        with self._autocast():
-            feats = self._teacher_fwd(t.contiguous())                    # [B, 1+reg+T, D]
+        self._qk.clear()
+        self._armed = bool(self.attn_blocks)
+        try:
+            with self._autocast():
+                feats = self._teacher_fwd(t.contiguous())                # [B, 1+reg+T, D]
+        finally:
+            self._armed = False
         feats = feats.float()
-        return moments, feats[:, self.prefix:], feats[:, 0]             # [B,T,D], [B,D]
+        out = (moments, feats[:, self.prefix:], feats[:, 0])             # [B,T,D], [B,D]
+        if self.attn_blocks:   # the hooks filled _qk in this same forward
+            out += (torch.stack([self._qk.pop(b) for b in self.attn_blocks], 1),)
+        return out                                                # + [B, L, 2, H, T, d]
 
     def output_shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
         """Per-image shape and dtype of each output."""
         c, g = self.vae.config.latent_channels, token_grid(self.resolution)
         lat = self.resolution // 8
-        return {"moments": ((2 * c, lat, lat), np.float32),
-                "tokens": ((g * g, self.teacher.embed_dim), np.float16),
-                "cls": ((self.teacher.embed_dim,), np.float32)}
+        out = {"moments": ((2 * c, lat, lat), np.float32),
+               "tokens": ((g * g, self.teacher.embed_dim), np.float16),
+               "cls": ((self.teacher.embed_dim,), np.float32)}
+        if self.attn_blocks:
+            attn = self.teacher.blocks[0].attn
+            out["attn_qk"] = ((len(self.attn_blocks), 2, attn.num_heads, g * g,
+                               attn.head_dim), np.float16)
+        return out
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [n, R, R, 3] -> moments float32 [n, 2C, R/8, R/8], tokens float16
         [n, T, D] (the stored dtype; int8 quantization of fp16 values moves a value by at
-        most one int8 step, and rarely), cls float32 [n, D]."""
+        most one int8 step, and rarely), cls float32 [n, D]; with attn_blocks also attn_qk
+        float16 [n, L, 2, H, T, d]: q * d^-0.5 and k per chosen block and head."""
         n = len(images)
         if images.dtype != np.uint8 or images.shape[1:] != (self.resolution,) * 2 + (3,):
             raise ValueError(f"expected uint8 [n, {self.resolution}, {self.resolution}, 3], "
@@ -326,7 +374,7 @@ class Encoder:
         src = torch.from_numpy(np.ascontiguousarray(images))  # uint8: 4x less to copy
         for lo in range(0, n, self.batch_size):
             parts = self._encode_batch(src[lo:lo + self.batch_size])
-            for a, t in zip(out.values(), parts):   # moments, tokens, cls
+            for a, t in zip(out.values(), parts):   # moments, tokens, cls[, attn_qk]
                 # cast on the device: fp16 tokens cross to the host at half the bytes
                 t = t.to(torch.float16 if a.dtype == np.float16 else torch.float32)
                 a[lo:lo + len(t)] = t.cpu().numpy()

@@ -36,8 +36,8 @@ from cache.format import MANIFEST_NAME, done_shards, read_done_marker
 from cache.lock import LOCK_NAME, CacheLock, LockLostError, check_token
 from cache.store import Store, is_url
 
-from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, teacher_input_size,
-                       token_grid, weights_sha256)
+from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, check_attn_blocks,
+                       teacher_input_size, token_grid, weights_sha256)
 from .sources import SOURCES, Source, list_source
 from .stages import EncodeStage, build_models, decode_stage, shard_row, write_stage
 
@@ -108,6 +108,8 @@ class EncodeConfig:
     random_weights: bool = False
     token_dtype: str = "fp16"
     moments_dtype: str = "fp16"
+    teacher_attn: tuple[int, ...] = ()  # teacher blocks whose q, k are stored (HASTE)
+    attn_dtype: str = "fp16"
     shard_size: int = 1024
     batch_size: int | None = None     # None: 256 * (256/R)^2 on GPU, 8 on CPU
     num_gpus: int | None = None       # None: every GPU Ray sees; 0: encode on CPUs
@@ -152,6 +154,9 @@ class EncodeConfig:
             bad("teacher", f"choose one of {sorted(TEACHERS)}")
         if self.token_dtype not in ("fp16", "int8"):
             bad("token_dtype", "choose fp16 or int8")
+        self.teacher_attn = tuple(self.teacher_attn)
+        if self.attn_dtype not in ("fp16", "int8"):
+            bad("attn_dtype", "choose fp16 or int8")
         if self.moments_dtype not in ("fp16", "fp32"):
             bad("moments_dtype", "choose fp16 or fp32")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -205,7 +210,21 @@ class Plan:
                 f"\n      {s.views} view(s) at {self.cfg.resolution} px: moments "
                 f"[{2 * s.latent_channels}, {s.latent_size}, {s.latent_size}] {s.moments_dtype}"
                 f", tokens [{s.tokens}, {s.token_dim}] {s.token_dtype}, "
-                f"estimated size {size / 1e9:.2f} GB ({'+'.join(s.backends)})")
+                + (f"attention q, k of teacher blocks {list(s.attn_blocks)} [2, "
+                   f"{s.attn_heads}, {s.tokens}, {s.attn_head_dim}] {s.attn_dtype}, "
+                   if s.attn_blocks else "")
+                + f"estimated size {size / 1e9:.2f} GB ({'+'.join(s.backends)})")
+
+
+def attn_spec(cfg: EncodeConfig, teacher) -> dict[str, Any]:
+    """The CacheSpec keys of --teacher-attn: the blocks (checked against the teacher), its
+    heads and head width, the storage dtype."""
+    blocks = check_attn_blocks(teacher, cfg.teacher_attn)
+    if not blocks:
+        return {}
+    attn = teacher.blocks[0].attn
+    return {"attn_blocks": blocks, "attn_heads": int(attn.num_heads),
+            "attn_head_dim": int(attn.head_dim), "attn_dtype": DTYPES[cfg.attn_dtype]}
 
 
 def make_plan(cfg: EncodeConfig) -> Plan:
@@ -222,7 +241,7 @@ def make_plan(cfg: EncodeConfig) -> Plan:
                      views=cfg.views, latent_channels=vae.config.latent_channels,
                      latent_size=cfg.resolution // 8, tokens=grid * grid,
                      token_dim=teacher.embed_dim, moments_dtype=DTYPES[cfg.moments_dtype],
-                     token_dtype=DTYPES[cfg.token_dtype])
+                     token_dtype=DTYPES[cfg.token_dtype], **attn_spec(cfg, teacher))
     # content identity only: names, paths and hub ids live under "command" (not compared),
     # so the same weights from another path or mirror resume the cache
     provenance = {
@@ -351,7 +370,8 @@ def build_dataset(plan: Plan, enc: Encoders, root: str, lock_token: str | None =
                         fn_constructor_kwargs=dict(
                             device=enc.device, precision=enc.precision,
                             batch_size=enc.batch_size, threads=enc.num_cpus,
-                            resolution=cfg.resolution, compile=cfg.compile),
+                            resolution=cfg.resolution, compile=cfg.compile,
+                            attn_blocks=spec.attn_blocks),
                         # the next shard queued at the actor; moving a shard in and out
                         # (object store, ~0.2 s) overlaps the encode of the next one
                         compute=ActorPoolStrategy(size=enc.size,

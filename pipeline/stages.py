@@ -56,7 +56,7 @@ class EncodeStage:
 
     def __init__(self, models: dict[str, Any], hashes: dict[str, str], *, device: str,
                  precision: str, batch_size: int, threads: int, resolution: int,
-                 compile: bool = False):
+                 compile: bool = False, attn_blocks: tuple[int, ...] = ()):
         import torch
         if device == "cpu":
             torch.set_num_threads(threads)  # fixed: CPU results depend on the thread count
@@ -70,7 +70,8 @@ class EncodeStage:
                 f"encoder on {socket.gethostname()} loaded other weights than the driver "
                 f"({got} vs {hashes}): give every node the same HF cache or local paths")
         self.encoder = Encoder(vae, teacher, resolution=resolution, device=device,
-                               precision=precision, batch_size=batch_size, compile=compile)
+                               precision=precision, batch_size=batch_size, compile=compile,
+                               attn_blocks=attn_blocks)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = collections.defaultdict(list)
@@ -94,6 +95,8 @@ def write_stage(row: dict[str, Any], *, root: str) -> dict[str, Any]:
     shard = int(row["shard"])
     arrays = {"moments": row["moments"], "tokens": row["tokens"], "cls": row["cls"],
               "label": row["labels"], "key": np.array(json.loads(str(row["keys"])))}
+    if "attn_qk" in row:
+        arrays["attn_qk"] = row["attn_qk"]
     writer.write_shard(shard, arrays, failures)
     markers = [read_done_marker(root, b, shard) or {} for b in writer.spec.backends]
     return {"shard": shard, "images": len(row["labels"]), "failed": len(failures),

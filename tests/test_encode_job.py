@@ -93,23 +93,32 @@ def test_encode_end_to_end_resume_and_refusal(ray_local, images, tmp_path):
         run_encode(_cfg(out, images, format="both", token_dtype="int8", seed=1))
     with pytest.raises(CacheMismatchError, match="source"):   # another list of images
         run_encode(_cfg(out, images, format="both", token_dtype="int8", limit=10))
+    with pytest.raises(CacheMismatchError, match=r"(?s)attn_blocks.*cannot be added"):
+        run_encode(_cfg(out, images, format="both", token_dtype="int8", teacher_attn=(1,)))
     assert m["provenance"]["precision"] == "fp32"            # resolved, not "auto"
     assert m["provenance"]["command"]["encoders"] == "1 x cpu"
 
 
 def test_two_views_encode_the_flipped_image(ray_local, images, tmp_path):
-    run_encode(_cfg(tmp_path / "c", images, views=2, limit=6), log=lambda s: None)
+    """...with the teacher attention of both blocks (--teacher-attn 0,1) for both views."""
+    run_encode(_cfg(tmp_path / "c", images, views=2, limit=6, teacher_attn=(1, 0)),
+               log=lambda s: None)
     ds = open_cache(tmp_path / "c")
     src = list_source("imagefolder", images, limit=6)
     imgs, _ = decode_items(src.items, 64, 1)
     flipped = np.ascontiguousarray(imgs[:, 0, :, ::-1])
     enc = Encoder(build_vae("tiny", random_weights=True),
                   build_teacher("dinov2-tiny", resolution=64, random_weights=True),
-                  resolution=64).encode(flipped)
-    both = ds.gather(range(6), ("moments", "tokens"))
+                  resolution=64, attn_blocks=(0, 1)).encode(flipped)
+    both = ds.gather(range(6), ("moments", "tokens", "attn_qk"))
     assert both["moments"].shape == (6, 2, 8, 8, 8)
     np.testing.assert_allclose(both["moments"][:, 1], enc["moments"], rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(both["tokens"][:, 1], enc["tokens"], rtol=2e-3, atol=2e-3)
+    assert both["attn_qk"].shape == (6, 2, 2, 2, 2, 16, 32)   # [n, V, L, q|k, H, T, d]
+    np.testing.assert_allclose(both["attn_qk"][:, 1], enc["attn_qk"], rtol=2e-3, atol=2e-3)
+    attention = read_manifest(tmp_path / "c")["attention"]
+    assert attention["teacher_blocks"] == [0, 1] and attention["dtype"] == "float16"
+    assert ds.verify().ok
     # the flip is encoded for real: its latent is not the mirrored latent of view 0
     assert not np.allclose(both["moments"][:, 1], both["moments"][:, 0, ..., ::-1], atol=1e-2)
 
