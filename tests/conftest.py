@@ -39,8 +39,9 @@ def make_cache(tmp_path):
 def write_structured_cache(root, spec: CacheSpec):
     """A learnable cache: 4 classes, each a fixed latent pattern (+ small posterior std),
     teacher tokens that are a fixed function of that pattern, and a CLS token that is the
-    class's own vector plus a little noise (spec: 4 latent channels, tokens =
-    (latent_size / 2)^2, one view)."""
+    class's own vector plus a little noise, and (with spec.attn_blocks) teacher q, k per
+    block and head that are fixed linear maps of the token's patch (spec: 4 latent
+    channels, tokens = (latent_size / 2)^2, one view)."""
     from cache import create_cache, finalize_cache
     rng = np.random.default_rng(0)
     n, s, t, d = spec.num_samples, spec.latent_size, spec.tokens, spec.token_dim
@@ -51,13 +52,22 @@ def write_structured_cache(root, spec: CacheSpec):
     g = s // 2
     cls = rng.standard_normal((4, d))[labels] + 0.1 * rng.standard_normal((n, d))   # [n, d]
     patches = mean.reshape(n, 4, g, 2, g, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, t, 16)
+    attn = {}
+    if spec.attn_blocks:   # per block and head, q and k a fixed linear map of the patch
+        L, H, hd = len(spec.attn_blocks), spec.attn_heads, spec.attn_head_dim
+        w_qk = rng.standard_normal((L, 2, H, 16, hd)).astype(np.float32) / 4
+        unit = patches / patches.std()
+        qk = np.einsum("ntc,lahcd->nlahtd", unit, w_qk) * np.array([2 / hd ** 0.5, 1.0]
+                                                                   ).reshape(1, 1, 2, 1, 1, 1)
+        attn["attn_qk"] = qk.astype(np.float16)[:, None]     # [n, 1, L, 2, H, t, hd]
     w = create_cache(root, spec, {"random_weights": True, "dataset": "structured"})
     for k in w.pending_shards():
         a, b = spec.shard_range(k)
         w.write_shard(k, {
             "moments": np.concatenate([mean[a:b], np.full_like(mean[a:b], 0.5)], 1)[:, None],
             "tokens": (patches[a:b] @ proj)[:, None], "cls": cls[a:b, None],
-            "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)]})
+            "label": labels[a:b], "key": [f"s/{i}" for i in range(a, b)],
+            **{name: x[a:b] for name, x in attn.items()}})
     finalize_cache(root)
     return root
 

@@ -34,9 +34,10 @@ def test_every_preset_states_its_source(preset):
 @pytest.fixture(scope="module")
 def paper_cache(tmp_path_factory):
     """The shapes of an ImageNet 256 px cache with DINOv2-B: 32x32 latents, 256 tokens of
-    768, CLS 768 (4 samples: the dry run reads the manifest only)."""
+    768, CLS 768, q, k of blocks 7-11 (4 samples: the dry run reads the manifest only)."""
     spec = CacheSpec(num_samples=4, shard_size=4, chunk_size=4, latent_size=32, tokens=256,
-                     token_dim=768)
+                     token_dim=768, attn_blocks=(7, 8, 9, 10, 11), attn_heads=12,
+                     attn_head_dim=64)   # HASTE's blocks for B (7, 9, 11) and L/XL (8-11)
     return write_synthetic_cache(tmp_path_factory.mktemp("paper") / "c", spec)
 
 
@@ -60,6 +61,9 @@ def tiny_overrides(preset: str, cache: Path, run_dir: Path) -> list[str]:
     extra = []
     if cfg.align.method == "erw":   # both phases in two steps, within the tiny model
         extra = ["method_args.warmup_steps=1", "method_args.l2r_depth=1"]
+    if cfg.align.method == "haste":  # the tiny teacher's two blocks; tau between the steps
+        extra = ["method_args.teacher_blocks=[0,1]", "method_args.student_blocks=[0,1]",
+                 "method_args.tau=1"]
     return [f"run_dir={run_dir}", f"data.cache={cache}", f"model.arch={TINY[family]}",
             "model.latent_size=8", "model.num_classes=1000", "align.teacher_dim=32",
             "align.projector_dim=64", "align.depth=null", "data.num_workers=0",
@@ -73,7 +77,8 @@ def test_no_preset_loads_a_teacher(tmp_path):
     interpreter: no pipeline code (where the teacher and VAE live), no timm, no
     diffusers is imported; every method's teacher signal comes from the cache."""
     cache = write_structured_cache(tmp_path / "c", CacheSpec(
-        num_samples=32, shard_size=16, latent_size=8, tokens=16, token_dim=32))
+        num_samples=32, shard_size=16, latent_size=8, tokens=16, token_dim=32,
+        attn_blocks=(0, 1), attn_heads=2, attn_head_dim=8))
     runs = {p: tiny_overrides(p, cache, tmp_path / p) for p in PRESETS}
     script = f"""
 import sys

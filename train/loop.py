@@ -217,6 +217,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     set_seed(cfg.seed)  # identical initial weights on every rank
     m = cfg.model
     net, method = build_generator(cfg)
+    method.use_cache(ds.spec)
     student = Student(net, method, latent_scale=check.latent_scale)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     if m.init_from and not checkpoints(run_dir):   # a resume has its own weights

@@ -7,6 +7,7 @@ eval` only talk to this interface:
     the cache     fields            teacher fields read besides moments, label, index
                   fields_at(step)   the fields a step reads (fewer after a termination)
                   check_cache       errors of a cache whose shapes do not fit
+                  use_cache(spec)   the training cache's layout, before the first step
     the model     extend(net)       parts the generator keeps (EMA'd, sampled with, saved
                                     with the backbone): REG's CLS embedder and head,
                                     GMem's condition
@@ -111,6 +112,11 @@ class Method:
         if self.align.depth is not None and self.align.depth > blocks:
             errors.append(f"align.depth={self.align.depth}: {arch} has {blocks} blocks")
         return errors
+
+    def use_cache(self, spec) -> None:
+        """Told the spec of the (checked) cache it trains from, once before the first
+        step: a method that needs a field's layout keeps it (HASTE: which rows of
+        attn_qk hold its teacher blocks). REPA: nothing to keep."""
 
     # ------------------------------------------------------------------ the model
     def extend(self, net: nn.Module) -> None:
