@@ -59,6 +59,23 @@ def test_attention_loss_is_minimal_at_the_teacher_logits():
         assert attention_loss(other, q, k) > loss.detach()
 
 
+def test_attention_loss_gradient_is_autograds_and_keeps_nothing_n_by_n():
+    """The hand-written backward equals autograd's through the definition (float64), and
+    what the graph keeps for it is s, q, k: no N x N tensor beyond the student's own."""
+    q, k = teacher(b=2, l=2, h=3, n=9, d=4, seed=3)
+    s = torch.randn(2, 2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: attention_loss(x, q.double(), k.double()),
+                                    (s,))
+    ref = s.detach().clone().requires_grad_(True)
+    naive_loss(ref, q, k).backward()
+    attention_loss(s, q.double(), k.double()).backward()
+    torch.testing.assert_close(s.grad, ref.grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attention_loss(torch.randn(2, 2, 3, 9, 9, requires_grad=True), q, k)
+    assert sorted(t.numel() for t in saved) == sorted([s.numel(), q.numel(), k.numel()])
+
+
 def test_attention_loss_runs_in_fp32_under_bf16_autocast():
     q, k = teacher(seed=2)
     s = torch.randn(2, 3, 2, 7, 7)

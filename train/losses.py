@@ -74,17 +74,50 @@ def attention_loss(student_logits: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
     L mapped blocks, the student's first H heads against the teacher's H. Its minimum
     over s is the teacher's mean row entropy, reached at s = q k^T (up to a per-row
-    constant). Only the student side carries a gradient; the teacher is detached.
+    constant). Only the student side carries a gradient, softmax(s) - P per row (over the
+    row count); the teacher is detached.
+
+    Memory: autograd keeps s, q and k only (q, k are N/d times smaller than an N x N map);
+    the backward rebuilds P and softmax(s) instead of keeping fp32 P and log S from the
+    forward (8 bytes per logit, 6 MiB per block and sample for SiT-XL at 256 px:
+    benchmarks/attn_memory.py).
     """
+    if student_logits.shape[:-1] != q.shape[:-1] or student_logits.shape[-1] != k.shape[-2] \
+            or q.shape != k.shape:
+        raise ValueError(f"attention_loss: student logits {tuple(student_logits.shape)} vs "
+                         f"teacher q {tuple(q.shape)}, k {tuple(k.shape)}")
     # fp32 even inside a bf16 autocast region, as manifold_loss: bf16 logits round
     # softmax rows of 256 keys coarsely, and the loss compares them entry by entry
-    device = student_logits.device.type
-    device = device if device != "meta" else "cpu"
-    with torch.autocast(device, enabled=False):
-        t = q.detach().float() @ k.detach().float().transpose(-2, -1)     # [B, L, H, N, N]
-        if student_logits.shape != t.shape:
-            raise ValueError(f"attention_loss: student logits {tuple(student_logits.shape)}"
-                             f" vs teacher q k^T {tuple(t.shape)}")
-        p = t.softmax(dim=-1)
-        logq = student_logits.float().log_softmax(dim=-1)
-        return -(p * logq).sum(dim=-1).mean()
+    with torch.autocast(_autocast_device(student_logits), enabled=False):
+        return _AttentionCE.apply(student_logits, q.detach(), k.detach())
+
+
+def _autocast_device(x: torch.Tensor) -> str:
+    return x.device.type if x.device.type != "meta" else "cpu"   # meta: FLOP counting
+
+
+def _teacher_softmax(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.to(dtype) @ k.to(dtype).transpose(-2, -1)).softmax(dim=-1)  # [..., N, N]
+
+
+def _wide(s: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.promote_types(s.dtype, torch.float32)
+
+
+class _AttentionCE(torch.autograd.Function):
+    """attention_loss's value and gradient, with nothing of size N x N saved."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(s, q, k)
+        p = _teacher_softmax(q, k, _wide(s))
+        return -(p * s.to(p.dtype).log_softmax(dim=-1)).sum(dim=-1).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, q, k = ctx.saved_tensors
+        with torch.autocast(_autocast_device(s), enabled=False):
+            d = s.to(_wide(s)).softmax(dim=-1) - _teacher_softmax(q, k, _wide(s))
+            rows = d.numel() // d.shape[-1]
+            return (d * (grad / rows)).to(s.dtype), None, None
