@@ -157,6 +157,9 @@ class EncodeConfig:
         self.teacher_attn = tuple(self.teacher_attn)
         if self.attn_dtype not in ("fp16", "int8"):
             bad("attn_dtype", "choose fp16 or int8")
+        if self.attn_dtype != "fp16" and not self.teacher_attn:
+            bad("attn_dtype", "is the storage of --teacher-attn, which is not given (the "
+                              "cache would hold no attention): add --teacher-attn B,...")
         if self.moments_dtype not in ("fp16", "fp32"):
             bad("moments_dtype", "choose fp16 or fp32")
         if self.precision is not None and self.precision not in PRECISIONS:

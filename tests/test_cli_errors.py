@@ -331,3 +331,19 @@ def test_bad_teacher_weights_are_one_line_and_never_run(encode_inputs, tmp_path,
     # names the file and the formats that are read
     one_error_line(capsys, f"--teacher-weights {path}", "torch.save", ".safetensors")
     no_marker(encode_inputs)
+
+
+@pytest.mark.parametrize("extra, says", [
+    # int8 storage of an attention that was not asked for: a cache without attn_qk would
+    # be encoded (hours on ImageNet) and only `train run ... haste` would say so
+    (["--attn-dtype", "int8"], ["--attn-dtype 'int8'", "--teacher-attn"]),
+    (["--teacher-attn", "2"], ["--teacher-attn 2", "blocks 0..1"]),   # dinov2-tiny: 2 blocks
+])
+def test_teacher_attention_options_are_one_line(encode_inputs, tmp_path, capsys, extra, says):
+    assert pipeline_main([
+        "encode", "--dataset", "imagefolder", "--data-dir", str(encode_inputs / "images"),
+        "--out", str(tmp_path / "out"), "--vae", str(encode_inputs / "vae"),
+        "--teacher", "dinov2-tiny", "--random-weights", "--resolution", "64",
+        "--dry-run", *extra]) == 2
+    one_error_line(capsys, *says)
+    assert not (tmp_path / "out").exists()
