@@ -3,6 +3,7 @@
 Each sample is keyed by its global index (`%09d`) and has the members
 
     <key>.moments.npy  <key>.tokens.npy  [<key>.tokens_scale.npy]  <key>.cls.npy
+    [<key>.attn_qk.npy  [<key>.attn_qk_scale.npy]]   (with --teacher-attn)
     <key>.label.cls (class index as text, webdataset's convention)  <key>.key.txt
 
 so `wds.WebDataset(url).decode()` yields numpy arrays and an int label. Samples that failed
