@@ -32,8 +32,8 @@ their ratio (also one ratio line); the difference Δ per mapped block per sample
 into n tensors of [heads, N, N] (the autocast dtype) and the rest; the returned logits
 themselves ("held": not saved by the block, but alive until the loss has read them); what
 HASTE's loss saves on top (train/losses.py attention_loss on the first 12 heads against a
-random DINOv2-B-shaped teacher q, k: its fp32 log-softmax and the teacher softmax it
-multiplies); then all of it scaled linearly to the per-device batches of the presets
+random DINOv2-B-shaped teacher q, k: the logits it reads, a view of what is held, and q, k;
+its backward rebuilds both softmaxes); then all of it scaled linearly to the per-device batches of the presets
 (--presets: 32 = HASTE's global 256 over 8 GPUs, 256 = all of it on one device); the
 analytic figure heads x N x N x bytes x count per block per sample next to the measured
 one, with where the rest comes from; and what the attention of one mapped block saves
@@ -414,8 +414,8 @@ def main() -> None:
                               f"{L}, {fmt((gpu + extra) * p * L)} with held logits + loss"
                               for p in presets))
         print(f"  + held logits {one * 4 / MiB:.2f} (fp32) / {one * 2 / MiB:.2f} (bf16) MiB, "
-              f"+ HASTE loss (fp32 log-softmax and teacher softmax, {ht} heads) "
-              f"{2 * ht * n * n * 4 / MiB:.2f} MiB")
+              f"+ HASTE loss (teacher q, k of {ht} heads; it keeps no N x N tensor) "
+              f"{2 * ht * n * TEACHER_HEAD_DIM * 4 / MiB:.2f} MiB")
 
     print("\n## what the attention of the first mapped block saves: storages first saved "
           "between its qkv and proj linears (RoPE, SDPA or the explicit path); shape of the "

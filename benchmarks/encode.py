@@ -1,6 +1,7 @@
 """Encode throughput: end to end from JPEG files, the encoder stage alone, and the baseline.
 
     python benchmarks/encode.py [--images 256] [--model real|tiny] [--batch-size 64]
+                                [--teacher-attn 8,9,10,11]
 
 Writes ImageNet-like JPEGs (400-500 px sides, quality 90) once, then measures, in one run:
   decode   the CPU stage alone (PIL decode + ADM crop), images/s on one core
@@ -13,6 +14,10 @@ and prints pipeline/baseline and encoder/baseline. Weights are random (the speed
 network does not depend on its weights); `--model real` is SD-VAE + DINOv2-B/14.
 FLOPs per image and view at 256 px (methods.md section 7): 272.7 G (VAE encoder) + 46.3 G
 (DINOv2-B at 224) = 319.0 G.
+
+--teacher-attn B,B,... (HASTE, issue 16) also measures what storing those blocks' q, k
+costs: the encoder stage with and without them, alternating, --repeats times (median
+ratio), and `pipeline encode` with them (3 MiB more per image to move and write).
 """
 
 from __future__ import annotations
@@ -73,7 +78,11 @@ def main() -> None:
     p.add_argument("--precision", default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "urepa-bench")
+    p.add_argument("--teacher-attn", default="",
+                   help="also time encoding with these teacher blocks' q, k (e.g. 8,9,10,11)")
+    p.add_argument("--repeats", type=int, default=3, help="alternations for --teacher-attn")
     args = p.parse_args()
+    attn_blocks = tuple(int(b) for b in args.teacher_attn.split(",") if b.strip())
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -116,21 +125,43 @@ def main() -> None:
         one.encode(img[:, 0])
     sync()
     baseline_rate = nb / (time.perf_counter() - t)
+    attn_ratio = None
+    if attn_blocks:   # the same encoder with and without the q, k hooks, alternating
+        with_attn = Encoder(enc.vae, enc.teacher, resolution=args.resolution, device=device,
+                            precision=precision, batch_size=args.batch_size,
+                            attn_blocks=attn_blocks)
+        with_attn.encode(flat[:args.batch_size])
+        rates: dict[str, list[float]] = {"plain": [], "attn": []}
+        for _ in range(args.repeats):
+            for name, e in (("plain", enc), ("attn", with_attn)):
+                sync()
+                t = time.perf_counter()
+                e.encode(flat)
+                sync()
+                rates[name].append(len(flat) / (time.perf_counter() - t))
+        plain, attn = (float(np.median(rates[k])) for k in ("plain", "attn"))
+        attn_ratio = attn / plain
+        del with_attn
     del enc, one
     if cuda:
         torch.cuda.empty_cache()
 
-    out = args.dir / f"cache-{args.model}-{args.images}"
-    shutil.rmtree(out, ignore_errors=True)
-    summary = run_encode(EncodeConfig(
-        out=str(out), dataset="imagefolder", data_dir=str(data), resolution=args.resolution,
-        vae=vae_id, teacher=teacher_id, random_weights=True, shard_size=args.shard_size,
-        batch_size=args.batch_size, encoder_threads=args.threads, precision=args.precision,
-        compile=args.compile, progress=False,
-        # CPU runs: room for the encoder's threads plus decode and write tasks
-        num_cpus=None if cuda else max(os.cpu_count() or 1, args.threads + 1)),
-        log=lambda s: None)
+    def pipeline(blocks: tuple[int, ...]) -> dict:
+        out = args.dir / f"cache-{args.model}-{args.images}{'-attn' if blocks else ''}"
+        shutil.rmtree(out, ignore_errors=True)
+        return run_encode(EncodeConfig(
+            out=str(out), dataset="imagefolder", data_dir=str(data),
+            resolution=args.resolution, vae=vae_id, teacher=teacher_id, random_weights=True,
+            shard_size=args.shard_size, batch_size=args.batch_size,
+            encoder_threads=args.threads, precision=args.precision, compile=args.compile,
+            progress=False, teacher_attn=blocks,
+            # CPU runs: room for the encoder's threads plus decode and write tasks
+            num_cpus=None if cuda else max(os.cpu_count() or 1, args.threads + 1)),
+            log=lambda s: None)
+    summary = pipeline(())
     steady, overall = summary["steady_images_per_second"], summary["images_per_second"]
+    if attn_blocks:
+        steady_attn = pipeline(attn_blocks)["steady_images_per_second"]
 
     print(f"{'stage':10s} {'images/s':>10s}  notes")
     print(f"{'decode':10s} {decode_rate:10.1f}  one core, PIL + ADM crop")
@@ -147,6 +178,10 @@ def main() -> None:
           f"with Ray start-up and model loading)")
     print(f"ratio pipeline/baseline {steady / baseline_rate:.2f}x, "
           f"encoder/baseline {encoder_rate / baseline_rate:.2f}x")
+    if attn_blocks:
+        print(f"--teacher-attn {args.teacher_attn}: encoder with q, k / without "
+              f"{attn_ratio:.3f}x (median of {args.repeats} alternations); pipeline "
+              f"{steady_attn:.1f} images/s with them, {steady_attn / steady:.3f}x without")
 
 
 if __name__ == "__main__":

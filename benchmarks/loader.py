@@ -1,7 +1,7 @@
 """Training-loader throughput against a raw memory-mapped gather of the same bytes.
 
     python benchmarks/loader.py [--samples 2048] [--dir /tmp/urepa-bench] [--workers 0]
-                                [--via-url]
+                                [--via-url] [--attn 4] [--backends zarr,wds]
 
 Builds (once) a synthetic cache with real 256 px shapes: moments fp16 [1, 8, 32, 32],
 DINOv2-B tokens fp16 [1, 256, 768], cls fp16 [1, 768], in both backends, plus one raw
@@ -13,6 +13,12 @@ loader that checks each chunk/member against its CRC32C the first time it reads 
 default, against the same loader with `verify=False`), on a first pass and warm. --via-url also times the loader on
 the same cache opened as a file:// URL, i.e. through fsspec like a remote store (zarr's
 ranged reads, wds tars fetched whole), against the local path.
+
+--attn L adds HASTE's attention field for L teacher blocks of DINOv2-B (attn_qk fp16
+[1, L, 2, 12, 256, 64]: 3 MiB per sample at L = 4) to the cache, the raw files and the
+fields read, and prints the bytes of one training step at --batch-size before tau (moments,
+tokens, attn_qk, label) and after it (moments, label: the loader HASTE switches to), with
+that loader's throughput. Mind the disk and page cache: 3.4 MB per sample per copy.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 
 FIELDS = ("moments", "tokens", "cls", "label")
+AFTER_TAU = ("moments", "label")   # what HASTE reads once its alignment has ended
 
 
-def build(root: Path, n: int, shard_size: int) -> tuple[Path, Path]:
-    spec = CacheSpec(num_samples=n, shard_size=shard_size, chunk_size=8,
-                     backends=("zarr", "wds"))
-    cache, raw = root / f"cache-{n}", root / f"raw-{n}"
+def build(root: Path, n: int, shard_size: int, attn: int = 0,
+          backends: tuple[str, ...] = ("zarr", "wds")) -> tuple[Path, Path]:
+    extra = dict(attn_blocks=tuple(range(8, 8 + attn)), attn_heads=12, attn_head_dim=64) \
+        if attn else {}
+    spec = CacheSpec(num_samples=n, shard_size=shard_size, chunk_size=8, backends=backends,
+                     **extra)
+    tag = f"-attn{attn}" if attn else ""
+    cache, raw = root / f"cache-{n}{tag}-{'+'.join(backends)}", root / f"raw-{n}{tag}"
     if not (cache / "manifest.json").exists() or \
             open_cache(cache, allow_partial=True).manifest.get("status") != "complete":
         t = time.perf_counter()
@@ -46,7 +57,7 @@ def build(root: Path, n: int, shard_size: int) -> tuple[Path, Path]:
     if not (raw / "tokens.npy").exists():
         raw.mkdir(parents=True, exist_ok=True)
         ds = open_cache(cache)
-        for f in FIELDS:  # the raw files hold exactly the cache's stored values
+        for f in FIELDS + (("attn_qk",) if attn else ()):  # the cache's stored values
             np.save(raw / f"{f}.npy", ds.gather(np.arange(n), [f])[f])
     return cache, raw
 
@@ -80,17 +91,30 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--via-url", action="store_true",
                    help="also read the cache through fsspec (file:// URL)")
+    p.add_argument("--attn", type=int, default=0, metavar="L",
+                   help="add HASTE's attn_qk field for L DINOv2-B blocks (4: 3 MiB/sample)")
+    p.add_argument("--backends", default="zarr,wds", help="zarr, wds or zarr,wds")
     args = p.parse_args()
 
-    cache, raw_dir = build(args.dir, args.samples, args.shard_size)
-    raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in FIELDS}
+    backends = tuple(args.backends.split(","))
+    fields = FIELDS + (("attn_qk",) if args.attn else ())
+    cache, raw_dir = build(args.dir, args.samples, args.shard_size, args.attn, backends)
+    raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in fields}
     bytes_per_sample = sum(a[0].nbytes for a in raw.values())
     print(f"machine: {platform.node()} {platform.machine()}, python {platform.python_version()}"
           f"; {args.samples} samples x {bytes_per_sample} B, batch {args.batch_size}, "
-          f"workers {args.workers}")
+          f"workers {args.workers}; {time.strftime('%Y-%m-%d')}")
+    if args.attn:
+        step = {name: sum(raw[f][0].nbytes for f in names) * args.batch_size
+                for name, names in (("before tau", ("moments", "tokens", "attn_qk", "label")),
+                                    ("after tau", AFTER_TAU))}
+        print(f"bytes per training step (batch {args.batch_size}): before tau "
+              f"{step['before tau'] / 2**20:,.1f} MiB (moments, tokens, attn_qk, label), "
+              f"after tau {step['after tau'] / 2**20:,.2f} MiB (moments, label): "
+              f"{step['before tau'] / step['after tau']:.0f}x fewer")
     results = {}
-    for backend in ("zarr", "wds"):
-        cfg = LoaderConfig(batch_size=args.batch_size, fields=FIELDS, block_size=args.block_size,
+    for backend in backends:
+        cfg = LoaderConfig(batch_size=args.batch_size, fields=fields, block_size=args.block_size,
                            shuffle_buffer=args.shuffle_buffer, num_workers=args.workers,
                            backend=backend, pin_memory=False)
         loader = CacheLoader(cache, cfg)
@@ -98,7 +122,7 @@ def main() -> int:
         batches = [b["index"].numpy() for b in CacheLoader(
             cache, LoaderConfig(**{**cfg.__dict__, "fields": ("index",)}))]
         # first pass: fresh mappings and buffers on both sides (page cache already warm)
-        fresh_raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in FIELDS}
+        fresh_raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in fields}
         dt_l, n_l = time_loader(loader)
         dt_r, n_r = time_raw(fresh_raw, batches)
         print(f"{backend:5s} first pass: loader {n_l / dt_l:8.0f} samples/s | raw "
@@ -135,6 +159,20 @@ def main() -> int:
               f"ratio {lo / ra:.2f}x")
         print(f"{backend:5s} warm read checks: checked {lo:8.0f} vs unchecked "
               f"{un:8.0f} samples/s | ratio {lo / un:.2f}x")
+        if args.attn:   # the loader HASTE switches to at tau, against its own raw gather
+            after = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "fields": AFTER_TAU}))
+            raw_after = {f: raw[f] for f in AFTER_TAU}
+            t_after, t_raw_after = [], []
+            for _ in range(args.repeats):
+                after.set_epoch(0)
+                dt, n = time_loader(after)
+                t_after.append(n / dt)
+                dt, n = time_raw(raw_after, batches)
+                t_raw_after.append(n / dt)
+            a, ra2 = statistics.median(t_after), statistics.median(t_raw_after)
+            print(f"{backend:5s} after tau (moments, label): loader {a:8.0f} samples/s | raw "
+                  f"{ra2:8.0f} samples/s | ratio {a / ra2:.2f}x; {a / lo:.1f}x the samples/s "
+                  "before tau")
         if args.via_url:
             url_loader = CacheLoader(f"file://{cache.absolute()}", cfg)
             t_url = []

@@ -50,7 +50,7 @@ from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teac
 from train.config import AlignConfig, ModelConfig  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.methods import METHODS, build_method  # noqa: E402
-from train.models import build_model  # noqa: E402
+from train.models import build_model, num_blocks  # noqa: E402
 from train.step import Student, build_generator  # noqa: E402
 
 def urepa(arch: str, dim: int):
@@ -125,9 +125,16 @@ def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) ->
     return r
 
 
+def haste_map(arch: str) -> tuple[list[int], list[int]]:
+    """HASTE's layer map for a backbone (0-indexed teacher -> student blocks): B's for the
+    B-sized ones, L/XL's otherwise."""
+    return ([7, 9, 11], [2, 3, 4]) if num_blocks(arch) <= 15 else ([8, 9, 10, 11], [4, 5, 6, 7])
+
+
 def method_students(names: list[str], arch: str, latent: int, dim: int, device):
     """{label: (student, optimizer, step index)} for each method on `arch`; ERW twice,
-    in its warm-up (step 0) and full phase (step >= warm-up)."""
+    in its warm-up (step 0) and full phase (step >= warm-up); HASTE before and after
+    tau (its attention logits on the mapped blocks, then fused attention alone)."""
     out = {}
     for name in names:
         phases = [("", 0)]
@@ -135,12 +142,22 @@ def method_students(names: list[str], arch: str, latent: int, dim: int, device):
         if name == "erw":
             extra = ["method_args.warmup_steps=10", "method_args.l2r_depth=4"]
             phases = [(" (warm-up)", 0), (" (full)", 10)]
+        if name in ("haste", "urepa-haste"):
+            teacher, student = haste_map(arch)
+            extra = [f"method_args.teacher_blocks={teacher}",
+                     f"method_args.student_blocks={student}", "method_args.tau=10"]
+            phases = [(" (aligning)", 0), (" (after tau)", 10)]
         cfg = load_config(None, ["run_dir=unused", "data.cache=unused", f"model.arch={arch}",
                                  f"model.latent_size={latent}", f"align.method={name}",
                                  f"align.teacher_dim={dim}", *extra])
         for label, step in phases:
             torch.manual_seed(0)
             net, method = build_generator(cfg)
+            g = latent // 2
+            method.use_cache(CacheSpec(num_samples=1, shard_size=1, chunk_size=1,
+                                       latent_size=latent, tokens=g * g, token_dim=dim,
+                                       attn_blocks=haste_map(arch)[0], attn_heads=12,
+                                       attn_head_dim=64))
             student = Student(net, method, latent_scale=0.18215).to(device)
             out[name + label] = (student, torch.optim.AdamW(student.parameters(), lr=1e-4),
                                  step)
@@ -158,7 +175,10 @@ def methods_main(args, device, dtype, bs: int, n_steps: int) -> None:
     batch = {"moments": torch.randn(bs, 8, latent, latent, device=device),
              "label": torch.randint(1000, (bs,), device=device),
              "tokens": torch.randn(bs, g * g, dim, device=device),
-             "cls": torch.randn(bs, dim, device=device)}
+             "cls": torch.randn(bs, dim, device=device),
+             # DINOv2-B's q, k of HASTE's teacher blocks, as the loader yields them
+             "attn_qk": torch.randn(bs, len(haste_map(args.arch)[0]), 2, 12, g * g, 64,
+                                    device=device).half() * 0.5}
     students = method_students(names, args.arch, latent, dim, device)
 
     def one_step(student, opt, step) -> float:
