@@ -75,8 +75,9 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
         if problems:
             why = ""
             if any(p.startswith("attn_") for p in problems):
-                why = ("\n  (the teacher attention is part of every shard: it cannot be "
-                       "added to or dropped from a cache once created. Encode into a new "
+                why = ("\n  (the teacher attention, its blocks and its storage dtype are "
+                       "part of every shard: they cannot change once a cache is created, "
+                       "nor can the field be added or dropped. Encode into a new "
                        "--out; the attention comes from the same teacher forward as the "
                        "tokens, so that costs one encode)")
             raise CacheMismatchError(

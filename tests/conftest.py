@@ -72,6 +72,17 @@ def write_structured_cache(root, spec: CacheSpec):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A random tiny SD-VAE-shaped decoder (the structured cache records no VAE)."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.encoders import TINY_VAE_CONFIG
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(path)
+    return path
+
+
 def tiny_run_config(cache, run_dir, *extra):
     """A tiny U-REPA training config for 8x8-latent test caches: SiT-down-tiny (4x4 tokens,
     2x2 middle stage), 32-wide teacher tokens, fp32 on the CPU; `extra` overrides win."""

@@ -121,17 +121,6 @@ def _losses(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A random tiny SD-VAE-shaped decoder (the structured cache records no VAE)."""
-    from diffusers import AutoencoderKL
-
-    from pipeline.encoders import TINY_VAE_CONFIG
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("method, arch, terms", [
     ("repa", "sit-tiny/2", ("loss_v", "loss_repa")),
     ("urepa", "sit-down-tiny/2", ("loss_v", "loss_repa", "loss_ml")),
