@@ -70,6 +70,23 @@ def time_loader(loader: CacheLoader) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def epoch(loader: CacheLoader) -> tuple[float, int]:
+    """time_loader over epoch 0 again."""
+    loader.set_epoch(0)
+    return time_loader(loader)
+
+
+def alternating(repeats: int, **runs) -> dict[str, float]:
+    """Median samples/s of each run (a function returning (seconds, samples)), the runs
+    taking turns `repeats` times."""
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            dt, n = run()
+            rates[k].append(n / dt)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def time_raw(arrays: dict, batches: list[np.ndarray]) -> tuple[float, int]:
     t = time.perf_counter()
     n = 0
@@ -141,18 +158,10 @@ def main() -> int:
               f"(verify=False) {fu:8.0f} samples/s | ratio {fc / fu:.2f}x")
         unchecked = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "verify": False}))
         time_loader(unchecked)  # its first pass, as the checked loader's above
-        t_loader, t_raw, t_unchecked = [], [], []
-        for _ in range(args.repeats):
-            loader.set_epoch(0)
-            dt, n = time_loader(loader)
-            t_loader.append(n / dt)
-            dt, n = time_raw(raw, batches)
-            t_raw.append(n / dt)
-            unchecked.set_epoch(0)
-            dt, n = time_loader(unchecked)
-            t_unchecked.append(n / dt)
-        lo, ra = statistics.median(t_loader), statistics.median(t_raw)
-        un = statistics.median(t_unchecked)
+        warm = alternating(args.repeats, loader=lambda: epoch(loader),
+                           raw=lambda: time_raw(raw, batches),
+                           unchecked=lambda: epoch(unchecked))
+        lo, ra, un = warm["loader"], warm["raw"], warm["unchecked"]
         results[backend] = lo / ra
         print(f"{backend:5s} warm: loader {lo:8.0f} samples/s {lo * bytes_per_sample / 1e9:6.2f} GB/s | "
               f"raw mmap gather {ra:8.0f} samples/s {ra * bytes_per_sample / 1e9:6.2f} GB/s | "
@@ -162,14 +171,9 @@ def main() -> int:
         if args.attn:   # the loader HASTE switches to at tau, against its own raw gather
             after = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "fields": AFTER_TAU}))
             raw_after = {f: raw[f] for f in AFTER_TAU}
-            t_after, t_raw_after = [], []
-            for _ in range(args.repeats):
-                after.set_epoch(0)
-                dt, n = time_loader(after)
-                t_after.append(n / dt)
-                dt, n = time_raw(raw_after, batches)
-                t_raw_after.append(n / dt)
-            a, ra2 = statistics.median(t_after), statistics.median(t_raw_after)
+            tau = alternating(args.repeats, loader=lambda: epoch(after),
+                              raw=lambda: time_raw(raw_after, batches))
+            a, ra2 = tau["loader"], tau["raw"]
             print(f"{backend:5s} after tau (moments, label): loader {a:8.0f} samples/s | raw "
                   f"{ra2:8.0f} samples/s | ratio {a / ra2:.2f}x; {a / lo:.1f}x the samples/s "
                   "before tau")
