@@ -34,9 +34,11 @@ class VerifyReport:
     """Result of CacheDataset.verify(): every problem found, per backend and shard."""
 
     problems: list[tuple[str, int | None, str]]  # (backend, shard or None, message)
-    shards_checked: int
-    samples_checked: int
+    shards_checked: int     # over all backends checked
+    samples_checked: int    # over all backends checked: a sample in two backends counts twice
     bytes_checked: int
+    per_backend: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # backend -> (shards, samples) checked
 
     @property
     def ok(self) -> bool:
@@ -51,8 +53,18 @@ class VerifyReport:
         return {b: sorted(s) for b, s in out.items()}
 
     def __str__(self) -> str:
-        head = (f"{'OK' if self.ok else 'FAILED'}: {self.shards_checked} shard(s), "
-                f"{self.samples_checked} samples, {self.bytes_checked / 1e9:.2f} GB checked")
+        counts = set(self.per_backend.values())
+        if len(counts) == 1 and len(self.per_backend) > 1:   # the same in every backend
+            (shards, samples), = counts
+            what = (f"{shards} shard(s), {samples} samples in each of "
+                    f"{len(self.per_backend)} backends ({', '.join(self.per_backend)})")
+        elif self.per_backend:
+            what = "; ".join(f"{b}: {sh} shard(s), {sa} samples"
+                             for b, (sh, sa) in self.per_backend.items())
+        else:
+            what = f"{self.shards_checked} shard(s), {self.samples_checked} samples"
+        head = (f"{'OK' if self.ok else 'FAILED'}: {what}, {self.bytes_checked / 1e9:.2f} GB "
+                "checked")
         lines = [head] + [f"  {b} shard {s}: {msg}" if s is not None else f"  {b}: {msg}"
                           for b, s, msg in self.problems]
         return "\n".join(lines)
@@ -246,13 +258,16 @@ class CacheDataset:
             results = list(pool.map(lambda job: self._verify_shard(*job), jobs))
         samples = nbytes = 0
         markers: dict[str, list[dict | None]] = {b: [] for b in backends}
+        per_backend = {b: (0, 0) for b in backends}
         for (backend, shard), (shard_problems, n, size, marker) in zip(jobs, results):
             problems += [(backend, shard, p) for p in shard_problems]
             samples, nbytes = samples + n, nbytes + size
             markers[backend].append(marker)
+            shards_b, samples_b = per_backend[backend]
+            per_backend[backend] = (shards_b + 1, samples_b + n)
         if complete:
             problems += [("manifest", None, p) for p in self._cross_check(markers)]
-        return VerifyReport(problems, len(jobs), samples, nbytes)
+        return VerifyReport(problems, len(jobs), samples, nbytes, per_backend)
 
     def _cross_check(self, markers: dict[str, list[dict | None]]) -> list[str]:
         """The finalized manifest's shard table, failures and statistics against the done

@@ -371,7 +371,9 @@ class Encoder:
                              f"got {images.dtype} {images.shape}")
         out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype)
                in self.output_shapes().items()}
-        src = torch.from_numpy(np.ascontiguousarray(images))  # uint8: 4x less to copy
+        with warnings.catch_warnings():   # Ray hands over read-only arrays; only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(np.ascontiguousarray(images))  # uint8: 4x less to copy
         for lo in range(0, n, self.batch_size):
             parts = self._encode_batch(src[lo:lo + self.batch_size])
             for a, t in zip(out.values(), parts):   # moments, tokens, cls[, attn_qk]

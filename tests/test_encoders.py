@@ -43,6 +43,19 @@ def test_encode_matches_the_recipe(tiny):
                                atol=1e-5)
 
 
+def test_read_only_images_encode_without_a_warning(tiny):
+    """Ray hands a shard's images over read-only: encoding them is silent (issue 17)."""
+    import warnings
+    vae, teacher = tiny
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    ref = Encoder(vae, teacher, resolution=64).encode(images)
+    images.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Encoder(vae, teacher, resolution=64).encode(images)
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+
+
 def test_random_weights_are_reproducible():
     a = build_teacher("dinov2-tiny", resolution=64, random_weights=True, seed=3)
     b = build_teacher("dinov2-tiny", resolution=64, random_weights=True, seed=3)

@@ -21,6 +21,11 @@ def test_clean_cache_verifies(make_cache):
         assert report.ok, str(report)
         assert report.shards_checked == 2 * spec.num_shards
         assert report.samples_checked == 2 * 70 - 1  # zarr keeps the failed slot, wds not
+        # the line says what each backend holds, not their sum (issue 17)
+        assert str(report).startswith(f"OK: zarr: {spec.num_shards} shard(s), 70 samples; "
+                                      f"wds: {spec.num_shards} shard(s), 69 samples, ")
+    one = open_cache(path).verify(backends=["zarr"])
+    assert str(one).startswith(f"OK: zarr: {spec.num_shards} shard(s), 70 samples, ")
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
