@@ -159,6 +159,17 @@ def test_dry_run_refuses_what_the_run_refuses(cache, tmp_path, capsys, extra, sa
     assert one_error_line(capsys) == dry
 
 
+def test_a_run_without_a_cache_says_how_to_get_one(tmp_path, capsys):
+    """No cache at data.cache: one line naming the option and the command that builds one
+    (issue 17, point 8), from the dry run and the run alike."""
+    missing = tmp_path / "nowhere"
+    for extra in (("--dry-run",), ()):
+        assert train_main(demo_args(missing, tmp_path / "r", *extra)) == 2
+        line = one_error_line(capsys, "no such directory")
+        assert line.startswith("error: data.cache: ") and "data.cache=" in line \
+            and "pipeline encode" in line and "make demo" in line
+
+
 def test_dry_run_splits_the_batch_over_the_launchers_processes(cache, tmp_path, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")           # torchrun --nproc-per-node 3

@@ -115,16 +115,14 @@ def _error(e: object) -> None:
 def dry_run(cfg) -> None:
     """What `train run` checks before its first step, for the processes this launch
     starts (WORLD_SIZE under torchrun / accelerate launch, else 1); prints the plan."""
-    from cache import open_cache
-
     from .checkpoint import check_init, checkpoints
     from .config import check_start, model_geometry, process_count
-    from .data import check_cache
+    from .data import check_cache, open_training_cache
     from .methods import build_method
 
     world = process_count()
     micro, accum = check_start(cfg, world)
-    check = check_cache(open_cache(cfg.data.cache, backend=cfg.data.backend), cfg)
+    check = check_cache(open_training_cache(cfg), cfg)
     for w in check.warnings:
         print(f"WARNING: {w}")
     print(check.summary)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache import CacheDataset, CacheLoader, LoaderConfig
+from cache import CacheDataset, CacheLoader, LoaderConfig, NotACacheError, open_cache
 from cache.format import INDEX, LABEL, LATENT_SCALE, MOMENTS
 
 from .config import ConfigError, TrainConfig
@@ -19,6 +19,19 @@ class CacheCheck:
     latent_scale: float
     warnings: list[str]
     summary: str
+
+
+def open_training_cache(cfg: TrainConfig) -> CacheDataset:
+    """The cache `data.cache` names; when there is none there, the error says how to point
+    at one or build one."""
+    try:
+        return open_cache(cfg.data.cache, backend=cfg.data.backend)
+    except NotACacheError as e:
+        raise NotACacheError(
+            f"data.cache: {e}. Point data.cache= at a cache (`train run "
+            "CONFIG data.cache=/path/to/cache`), or build one with `pipeline encode "
+            "--dataset imagenet --data-dir DIR --out /path/to/cache` (docs/encode.md; "
+            "`make demo` builds a small one)") from None
 
 
 def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:

@@ -42,13 +42,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from cache import open_cache
 from cache.format import INDEX, LABEL, MOMENTS, atomic_write_bytes, state_sha256
 
 from .checkpoint import (CHECKPOINT_FILES, CheckpointError, checkpoints, choose_checkpoint,
                          init_from_checkpoint, resume_run, save_run_checkpoint)
 from .config import ConfigError, TrainConfig, check_start, flatten, model_geometry, to_yaml
-from .data import cache_info, check_cache, make_loader
+from .data import cache_info, check_cache, make_loader, open_training_cache
 from .methods import METHODS, Method
 from .step import Student, build_generator, stream_seed
 
@@ -192,7 +191,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     # streams resolved (a resumed run keeps its own), the batch split, tensorboard, and a
     # resume that would mix two recipes: the checks `train run --dry-run` makes too
     micro, accum = check_start(cfg, world)
-    ds = open_cache(cfg.data.cache, backend=cfg.data.backend)
+    ds = open_training_cache(cfg)
     check = check_cache(ds, cfg)
     dist.wait_for_everyone()  # every rank compares with the old config.yaml before it is rewritten
 
