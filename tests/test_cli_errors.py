@@ -159,6 +159,16 @@ def test_dry_run_refuses_what_the_run_refuses(cache, tmp_path, capsys, extra, sa
     assert one_error_line(capsys) == dry
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"], ["run", "--help"]])
+def test_help_imports_no_torch(argv):
+    """`train --help` answers without importing torch (it took ~5 s; issue 17, point 5)."""
+    script = ("import sys\nfrom train.cli import main\ntry:\n    main(sys.argv[1:])\n"
+              "except SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert "usage:" in out.stdout and "TORCH False" in out.stdout, out.stdout + out.stderr
+
+
 def test_a_run_without_a_cache_says_how_to_get_one(tmp_path, capsys):
     """No cache at data.cache: one line naming the option and the command that builds one
     (issue 17, point 8), from the dry run and the run alike."""

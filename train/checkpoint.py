@@ -50,6 +50,7 @@ from cache.store import NotRegularFileError, file_kind, open_regular
 
 from .config import ConfigError
 from .models import ARCHS, build_model
+from .settings import CHECKPOINT_FORMATS
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 # the weights `train sample` reads, as train run names them (a converted checkpoint
@@ -60,7 +61,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # "contents"; 1 (no "layout" key) was accelerate's save_state, pickles included
 RUN_LAYOUT = 2
 PICKLED = ("custom_checkpoint_*.pkl", "random_states_*.pkl", "optimizer*.bin", "scaler.pt")
-FORMATS = ("auto", "ours", "repa")
+FORMATS = CHECKPOINT_FORMATS
 WEIGHTS = ("ema", "model")
 # what a model's shape may be, whatever a file says (a 4096 px image has a 512 latent)
 GEOMETRY_LIMITS = {"latent_size": (1, 512), "in_channels": (1, 64), "num_classes": (1, 100_000)}

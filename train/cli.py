@@ -60,9 +60,8 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def _sample_parser(sub) -> None:
-    from .checkpoint import FORMATS
-    from .generate import SampleSettings
-    from .sampling import ODE_METHODS, SDE_LAST_STEPS
+    from .settings import CHECKPOINT_FORMATS as FORMATS
+    from .settings import ODE_METHODS, SDE_LAST_STEPS, SampleSettings
     d = SampleSettings()
     s = sub.add_parser("sample", help="sample images from a run or checkpoint (EMA weights)",
                        description="Resumable: rerun the same command to finish an "

@@ -29,11 +29,9 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from .settings import ODE_METHODS, SDE_LAST_STEPS
+
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ODE_METHODS = ("heun", "euler")
-# the SDE's last step from t_last to 0: "drift" as REPA's sampler (every paper number);
-# "denoise" x - t v, the model's estimate of E[x0 | x_t] (this project's earlier default)
-SDE_LAST_STEPS = ("drift", "denoise")
 
 
 Null = Union[int, Callable[[torch.Tensor], torch.Tensor]]
