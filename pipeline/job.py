@@ -499,8 +499,11 @@ def _encode_locked(cfg: EncodeConfig, plan: Plan | None, root: Store, lock: Cach
     # a rerun with nothing to do keeps the summary of the run that did the work
     m = finalize_cache(root, {"summary": summary} if plan.pending else None)
     total = sum(f["bytes"] for t in m["shards"].values() for s in t for f in s["files"].values())
-    log(f"done: {images:,} images encoded in {elapsed:.1f} s "
-        f"({summary['images_per_second'] or 0:.1f} img/s), {m['num_valid']:,} valid, "
+    done = (f"done: {images:,} images encoded in {elapsed:.1f} s "
+            f"({summary['images_per_second'] or 0:.1f} img/s)" if plan.pending else
+            f"done: nothing to encode, all {plan.spec.num_shards:,} shards were already "
+            "written")
+    log(f"{done}, {m['num_valid']:,} valid, "
         f"{len(failures)} failed{' (' + _failure_summary(failures) + ')' if failures else ''}"
         f"; cache {total / 1e9:.3f} GB at {root}")
     return summary

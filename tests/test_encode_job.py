@@ -84,8 +84,11 @@ def test_encode_end_to_end_resume_and_refusal(ray_local, images, tmp_path):
     assert len(m["latent"]["channel_stats"]["mean"]) == 4
     # the same command again: nothing to do, nothing rewritten
     before = _file_hashes(out)
-    again = run_encode(_cfg(out, images, format="both", token_dtype="int8"), log=lambda s: None)
+    said = []
+    again = run_encode(_cfg(out, images, format="both", token_dtype="int8"), log=said.append)
     assert again["shards_encoded"] == 0 and _file_hashes(out) == before
+    assert said[-1].startswith("done: nothing to encode, all 4 shards were already written, "
+                               "15 valid")   # not "0 images ... 0.0 img/s" (issue 17)
     # parameters that change the content are refused, naming what differs
     with pytest.raises(CacheMismatchError, match="latent_size"):
         run_encode(_cfg(out, images, format="both", token_dtype="int8", resolution=128))

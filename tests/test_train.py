@@ -163,6 +163,7 @@ def test_accumulation_and_plain_sit(cache, tmp_path):
     lines = []
     last = train(cfg, log=lines.append)
     assert last["step"] == 3 and "loss_repa" not in last
+    assert last["session_steps"] == 3 and last["session_img_per_s"] > 0   # the whole run's
     assert "global batch 16 = 1 process(es) x 8 x 2 accumulation, 1 data streams" in "".join(lines)
     meta = json.loads((tmp_path / "checkpoints/step_00000003/checkpoint.json").read_text())
     state = meta["train"]

@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         _error(e)
         return 3
     if last:
-        print("done: step {step}, loss {loss:.4f}, {img_per_s:.1f} img/s".format(**last))
+        print("done: step {step}, loss {loss:.4f} (last log window); {session_steps} steps "
+              "here at {session_img_per_s:.1f} img/s, start-up included".format(**last))
     return 0
 
 

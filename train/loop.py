@@ -158,7 +158,8 @@ class Run:
 
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train to cfg.max_steps (resuming from the newest checkpoint in cfg.run_dir).
-    Returns the last logged metrics. Raises ConfigError, NonFiniteLoss, CacheError."""
+    Returns the last logged metrics with this invocation's throughput (Metrics.summary;
+    {} when no step ran). Raises ConfigError, NonFiniteLoss, CacheError."""
     run = setup(cfg, log)
     resume(run)
     batches = None
@@ -174,7 +175,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
         after_step(run, terms, timing)
     run.metrics.close()
     run.acc.end_training()
-    return run.metrics.last if run.acc.is_main_process else {}
+    return run.metrics.summary() if run.acc.is_main_process and run.metrics.last else {}
 
 
 def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
@@ -379,6 +380,7 @@ class Metrics:
                         disable=not (self.main and cfg.progress), dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: a line / 30 s
         self.last: dict[str, Any] = {}
+        self.session_steps, self.session_t0 = 0, time.perf_counter()  # this process's run
         self._reset()
 
     def _reset(self) -> None:
@@ -391,6 +393,7 @@ class Metrics:
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
+        self.session_steps += 1
         self.wait += wait
         self.busy += seconds
         self.bar.update(1)
@@ -414,6 +417,13 @@ class Metrics:
             run.acc.log({k: v for k, v in self.last.items() if k not in ("step", "time")},
                         step=run.state.step)
         self._reset()
+
+    def summary(self) -> dict[str, Any]:
+        """The last logged metrics, and the throughput of this whole invocation (steps
+        run here, start-up included), which the last window's img/s is not."""
+        elapsed = time.perf_counter() - self.session_t0
+        return {**self.last, "session_steps": self.session_steps,
+                "session_img_per_s": self.session_steps * self.run.cfg.batch_size / elapsed}
 
     def say(self, msg: str) -> None:
         if self.main:
