@@ -169,6 +169,27 @@ def test_help_imports_no_torch(argv):
     assert "usage:" in out.stdout and "TORCH False" in out.stdout, out.stdout + out.stderr
 
 
+def test_the_documented_launch_works_inside_a_repa_checkout(cache, tmp_path):
+    """A REPA or DiT checkout has its own train.py: `python -m train.cli` there imports it
+    instead of this package; the installed `train` script, which the README launches, does
+    not (issue 17, point 9)."""
+    checkout = tmp_path / "REPA"
+    checkout.mkdir()
+    (checkout / "train.py").write_text("raise SystemExit('REPA train.py ran')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hijacked = subprocess.run([sys.executable, "-m", "train.cli", "--help"], cwd=checkout,
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert "REPA train.py ran" in hijacked.stderr        # why the README does not use -m
+    script = Path(sys.executable).with_name("train")
+    launched = subprocess.run(
+        [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu",
+         "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(script), *demo_args(cache, tmp_path / "r"),
+         "--dry-run"], cwd=checkout, capture_output=True, text=True, timeout=300, env=env)
+    assert launched.returncode == 0 and "would train" in launched.stdout, \
+        launched.stdout[-2000:] + launched.stderr[-2000:]
+
+
 def test_a_run_without_a_cache_says_how_to_get_one(tmp_path, capsys):
     """No cache at data.cache: one line naming the option and the command that builds one
     (issue 17, point 8), from the dry run and the run alike."""

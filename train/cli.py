@@ -65,7 +65,8 @@ def _sample_parser(sub) -> None:
     d = SampleSettings()
     s = sub.add_parser("sample", help="sample images from a run or checkpoint (EMA weights)",
                        description="Resumable: rerun the same command to finish an "
-                       "interrupted job. Multi-GPU: accelerate launch -m train.cli sample ...")
+                       "interrupted job. Multi-GPU: accelerate launch \"$(command -v train)\" "
+                       "sample ...")
     s.add_argument("source", help="a run directory (its newest checkpoint), a checkpoint, or "
                    "a REPA-family .pt file (REPA's, HASTE's SiT; their 'ema' weights)")
     s.add_argument("--checkpoint-format", choices=FORMATS, default="auto",
