@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from cache.format import state_sha256
+from cache.hub import (OfflineError, cache_dir, cached_file, from_pretrained_local_first,
+                       hub_unreachable)
 from cache.tensors import RefusedFileError, first_line, load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,10 +122,9 @@ def build_vae(vae: str = DEFAULT_VAE, *, random_weights: bool = False,
     if path.exists() and not kwargs and not (path / "config.json").is_file():
         raise WeightsError(f"--vae {vae}: no config.json (a diffusers AutoencoderKL "
                            "directory, or a pipeline directory with vae/, is expected)")
-    try:
-        with warnings.catch_warnings():  # diffusers passes a deprecated hub argument
-            warnings.simplefilter("ignore", UserWarning)
-            return _drop_decoder(AutoencoderKL.from_pretrained(vae, **kwargs))
+    try:   # the local cache first; the hub only when it can be reached (fast offline)
+        return _drop_decoder(from_pretrained_local_first(AutoencoderKL.from_pretrained, vae,
+                                                         **kwargs))
     except Exception as e:  # hub/network/file errors come in many types; all mean the same
         raise WeightsError(
             f"cannot load the VAE {vae!r} ({first_line(e)}). "
@@ -230,8 +231,14 @@ def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
             load_teacher_weights(model, weights)
     else:
         hub = f"{spec.arch}.{spec.pretrained_tag}"
-        try:
-            model = timm.create_model(hub, pretrained=True, **kw)
+        local = cached_file(f"timm/{hub}", "model.safetensors")
+        try:   # from the local cache without asking the hub; else the hub if reachable
+            why = None if local else hub_unreachable()
+            if why:
+                raise OfflineError(f"not in the local Hugging Face cache ({cache_dir()}) "
+                                   f"and {why}")
+            overlay = {"pretrained_cfg_overlay": {"file": local}} if local else {}
+            model = timm.create_model(hub, pretrained=True, **kw, **overlay)
         except Exception as e:  # hub/network errors come in many types; all mean the same
             raise WeightsError(
                 f"cannot load teacher {name} ({hub}: {first_line(e)}). "

@@ -362,6 +362,33 @@ def encode_inputs(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("weights, says", [
+    (["--vae", "stabilityai/sd-vae-ft-mse"], "cannot load the VAE 'stabilityai/sd-vae-ft-mse'"),
+    (["--teacher", "dinov2-b"], "cannot load teacher dinov2-b"),
+])
+def test_weights_missing_offline_fail_fast_in_one_line(encode_inputs, tmp_path, capsys,
+                                                       monkeypatch, weights, says):
+    """Offline (HF_HUB_OFFLINE, or no route to the hub) and not in the local cache: one
+    line saying so, without the hub downloader's retries (~25 s of them; issue 17, point
+    4); `train sample`'s decoder the same."""
+    from train.vae import DecoderError, _pretrained_vae
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = {"--vae": str(encode_inputs / "vae"), "--teacher": "dinov2-tiny",
+            "--random-weights": None}
+    args.update(dict(zip(weights[::2], weights[1::2])))
+    if "--teacher" in weights or "--vae" in weights:
+        args.pop("--random-weights")
+    argv = [a for k, v in args.items() for a in ((k,) if v is None else (k, v))]
+    assert pipeline_main(["encode", "--dataset", "imagefolder", "--data-dir",
+                          str(encode_inputs / "images"), "--out", str(tmp_path / "out"),
+                          "--resolution", "64", *argv, "--dry-run"]) == 2
+    one_error_line(capsys, says, "not in the local Hugging Face cache",
+                   "HF_HUB_OFFLINE is set")
+    with pytest.raises(DecoderError, match=r"sd-vae-ft-ema.*not in the local Hugging Face "
+                                           r"cache .* HF_HUB_OFFLINE is set"):
+        _pretrained_vae("stabilityai/sd-vae-ft-ema")
+
+
 @pytest.mark.parametrize("name", [*PICKLES, "object.npz", "cut.pth"])
 def test_bad_teacher_weights_are_one_line_and_never_run(encode_inputs, tmp_path, capsys, name):
     path = encode_inputs / name

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from pathlib import Path
 
 import torch
 
 from cache.format import state_sha256
+from cache.hub import from_pretrained_local_first
 
 DEFAULT_DECODER = "stabilityai/sd-vae-ft-ema"
 _DECODER_ONLY = ("decoder.", "post_quant_conv.")
@@ -121,10 +121,8 @@ def _pretrained_vae(name: str):
     from diffusers import AutoencoderKL
     path = Path(name)
     kwargs = {"subfolder": "vae"} if (path / "vae" / "config.json").is_file() else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return AutoencoderKL.from_pretrained(name, **kwargs)
+    try:   # the local cache first; the hub only when it can be reached (fast offline)
+        return from_pretrained_local_first(AutoencoderKL.from_pretrained, name, **kwargs)
     except Exception as e:  # hub, network and file errors: all mean "not available here"
         first = (str(e).splitlines() or [""])[0]
         raise DecoderError(
