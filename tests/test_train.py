@@ -157,6 +157,17 @@ def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path):
         train(tiny(cache, tmp_path, "max_steps=1", "tensorboard=true"), log=lambda _: None)
 
 
+def test_cpu_processes_share_the_cores():
+    """CPU training threads: OMP_NUM_THREADS wins; else the node's cores split over the
+    launcher's local processes (issue 17, point 2)."""
+    from train.loop import cpu_threads
+    assert cpu_threads({}, 16, 16) == 16
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "2"}, 16, 16) == 8
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 2, 2) == 1
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, 16, 3) == 3
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "x"}, 8, 8) == 8
+
+
 def test_accumulation_and_plain_sit(cache, tmp_path):
     cfg = tiny(cache, tmp_path, "max_steps=3", "micro_batch_size=8", "align.method=none",
                "model.arch=sit-tiny/2")

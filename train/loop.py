@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,6 +179,17 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, 
     return run.metrics.summary() if run.acc.is_main_process and run.metrics.last else {}
 
 
+def cpu_threads(env, cores: int, current: int) -> int:
+    """Torch threads of a CPU training process: OMP_NUM_THREADS when set (torch already
+    took it: `current`), else the machine's cores shared by the processes of this node
+    (LOCAL_WORLD_SIZE, set by accelerate launch and torchrun). Every process taking all
+    cores made 2-process CPU runs 4-6x slower under load (issue 17)."""
+    if env.get("OMP_NUM_THREADS", "").strip():
+        return current
+    local = env.get("LOCAL_WORLD_SIZE", "1").strip()
+    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
+
+
 def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     """Check the config and the cache, start accelerate, build the method's student, its
     EMA, AdamW and the loader; write config.yaml. Nothing is resumed yet."""
@@ -189,6 +201,9 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     cpu = not torch.cuda.is_available()
     dist = PartialState(cpu=cpu)
     world = dist.num_processes
+    if cpu:   # processes on one machine share its cores: not all of them each
+        torch.set_num_threads(cpu_threads(os.environ, os.cpu_count() or 1,
+                                          torch.get_num_threads()))
     # streams resolved (a resumed run keeps its own), the batch split, tensorboard, and a
     # resume that would mix two recipes: the checks `train run --dry-run` makes too
     micro, accum = check_start(cfg, world)
