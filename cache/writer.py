@@ -51,10 +51,24 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=()) -> list[str]:
-    keys = sorted((set(a) | set(b)) - set(ignore))
-    return [f"{k}: existing {a.get(k)!r} vs requested {b.get(k)!r}"
-            for k in keys if a.get(k) != b.get(k)]
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], ignore=(), prefix: str = ""
+          ) -> list[str]:
+    """`key: existing X vs requested Y` for each differing key, nested objects compared
+    key by key (dotted names), so a changed seed is one line, not two whole objects."""
+    out = []
+    for k in sorted((set(a) | set(b)) - set(ignore)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _diff(x, y, prefix=f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: existing {_short_value(x)} vs requested "
+                       f"{_short_value(y)}")
+    return out
+
+
+def _short_value(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def create_cache(root: str | Path | Store, spec: CacheSpec,
@@ -69,21 +83,7 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
     root = Store.of(root)
     provenance = dict(provenance or {})
     if root.is_file(MANIFEST_NAME):
-        m = read_manifest(root)
-        problems = _diff(m["spec"], spec.to_json())
-        problems += _diff(m.get("provenance", {}), provenance, ignore=VOLATILE_PROVENANCE)
-        if problems:
-            why = ""
-            if any(p.startswith("attn_") for p in problems):
-                why = ("\n  (the teacher attention, its blocks and its storage dtype are "
-                       "part of every shard: they cannot change once a cache is created, "
-                       "nor can the field be added or dropped. Encode into a new "
-                       "--out; the attention comes from the same teacher forward as the "
-                       "tokens, so that costs one encode)")
-            raise CacheMismatchError(
-                f"{root} already holds a cache built with other parameters; use a new "
-                "--out directory or the original parameters:\n  " + "\n  ".join(problems)
-                + why)
+        check_resumable(root, spec, provenance)
     else:
         root.makedirs()
         for backend in spec.backends:
@@ -111,6 +111,29 @@ def create_cache(root: str | Path | Store, spec: CacheSpec,
         }
         root.write_bytes(MANIFEST_NAME, json_bytes(sealed(manifest)))
     return CacheWriter(root)
+
+
+def check_resumable(root: str | Path | Store, spec: CacheSpec,
+                    provenance: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """Raise CacheMismatchError, one line per differing key, unless the cache at `root`
+    (which has a manifest) was created with this spec and provenance (volatile keys and
+    `ignore` left out). The encode job calls it before starting Ray, create_cache again."""
+    m = read_manifest(root)
+    problems = _diff(m["spec"], spec.to_json())
+    problems += _diff(m.get("provenance", {}), provenance,
+                      ignore=VOLATILE_PROVENANCE + tuple(ignore))
+    if problems:
+        why = ""
+        if any(p.startswith("attn_") for p in problems):
+            why = ("\n  (the teacher attention, its blocks and its storage dtype are "
+                   "part of every shard: they cannot change once a cache is created, "
+                   "nor can the field be added or dropped. Encode into a new "
+                   "--out; the attention comes from the same teacher forward as the "
+                   "tokens, so that costs one encode)")
+        raise CacheMismatchError(
+            f"{Store.of(root)} already holds a cache built with other parameters; use a new "
+            "--out directory or the original parameters:\n  " + "\n  ".join(problems)
+            + why)
 
 
 def attention_record(spec: CacheSpec) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from cache import CacheSpec, create_cache, finalize_cache
 from cache.format import MANIFEST_NAME, done_shards, read_done_marker
 from cache.lock import LOCK_NAME, CacheLock, LockLostError, check_token
 from cache.store import Store, is_url
+from cache.writer import check_resumable
 
 from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, check_attn_blocks,
                        teacher_input_size, token_grid, weights_sha256)
@@ -460,6 +461,9 @@ def _encode_locked(cfg: EncodeConfig, plan: Plan | None, root: Store, lock: Cach
                    log) -> dict[str, Any]:
     import ray
     plan = plan or make_plan(cfg)
+    if root.is_file(MANIFEST_NAME):   # a refused resume says so before Ray starts (~20 s);
+        # the precision is resolved from the cluster's GPUs later, create_cache checks it
+        check_resumable(root, plan.spec, plan.provenance, ignore=("precision",))
     started = _init_ray(cfg)
     try:
         res = ray.cluster_resources()

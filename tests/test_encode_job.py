@@ -102,6 +102,24 @@ def test_encode_end_to_end_resume_and_refusal(ray_local, images, tmp_path):
     assert m["provenance"]["command"]["encoders"] == "1 x cpu"
 
 
+def test_a_refused_resume_says_so_before_ray_starts(images, tmp_path, monkeypatch):
+    """The differences come one key per line (nested keys dotted), before Ray would start
+    (~20 s; issue 17, point 8)."""
+    from cache import CacheSpec
+    from cache.synthetic import write_synthetic_cache
+    from pipeline import job
+    out = tmp_path / "c"
+    write_synthetic_cache(out, CacheSpec(num_samples=15, shard_size=8, chunk_size=4,
+                                         latent_size=8, tokens=16, token_dim=64))
+    monkeypatch.setattr(job, "_init_ray", lambda cfg: pytest.fail("Ray was started"))
+    with pytest.raises(CacheMismatchError) as e:
+        run_encode(_cfg(out, images), log=lambda s: None)
+    lines = str(e.value).splitlines()
+    assert "  shard_size: existing 8 vs requested 4" in lines
+    assert "  dataset: existing 'synthetic' vs requested None" in lines
+    assert all(len(ln) < 200 for ln in lines), lines      # whole objects are cut short
+
+
 def test_two_views_encode_the_flipped_image(ray_local, images, tmp_path):
     """...with the teacher attention of both blocks (--teacher-attn 0,1) for both views."""
     run_encode(_cfg(tmp_path / "c", images, views=2, limit=6, teacher_attn=(1, 0)),
