@@ -34,8 +34,7 @@ from cache.format import atomic_file, atomic_write_json
 from .checkpoint import load_backbone
 from .methods import Sampling
 from .sampling import Guidance, sample_ode, sample_sde
-from .settings import (DEFAULT_STEPS, FREE_SETTINGS, MODES, SampleError,  # noqa: F401
-                       SampleSettings)
+from .settings import FREE_SETTINGS, SampleError, SampleSettings
 from .vae import Decoder
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -86,7 +86,7 @@ class HASTE(Method):
 
     def __init__(self, align, args, model):
         super().__init__(align, args, model)
-        self.attn_index: list[int] | None = None   # rows of attn_qk, set by use_cache
+        self.attn_index: slice | list[int] | None = None   # rows of attn_qk (use_cache)
 
     def aligning(self, step: int) -> bool:
         """Whether step `step` (0-based) still has the alignment terms."""
@@ -128,7 +128,10 @@ class HASTE(Method):
         return errors
 
     def use_cache(self, spec) -> None:
-        self.attn_index = [spec.attn_blocks.index(b) for b in self.args.teacher_blocks]
+        rows = [spec.attn_blocks.index(b) for b in self.args.teacher_blocks]
+        # consecutive rows (blocks 8-11 of a cache with 7-11): a view, no copy per step
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.attn_index = slice(rows[0], rows[-1] + 1) if consecutive else rows
 
     # ------------------------------------------------------------------ training
     def loss(self, student: nn.Module, batch: dict[str, torch.Tensor],
@@ -149,8 +152,11 @@ class HASTE(Method):
         out = {"loss_v": flow_loss(v_pred, v)}
         qk = batch[ATTN][:, self.attn_index]                     # [B, L, 2, H, T, d]
         heads = qk.shape[3]
-        s = torch.stack([lg[:, :heads] for lg in logits], dim=1)  # [B, L, H, N, N]
-        out["loss_attn"] = attention_loss(s, qk[:, :, 0], qk[:, :, 1])
+        # per layer pair, then their mean (every pair has as many rows): no stacked copy
+        # of the student's logits; the mean of per-pair means is the mean over all rows
+        out["loss_attn"] = sum(
+            attention_loss(lg[:, None, :heads], qk[:, i:i + 1, 0], qk[:, i:i + 1, 1])
+            for i, lg in enumerate(logits)) / len(logits)
         total = out["loss_v"] + self.args.attn_weight * out["loss_attn"]
         out.update(self.aligned(student, hidden, batch[TOKENS], step, total))
         return out
