@@ -23,15 +23,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # the whole path on this machine: images -> pipeline encode (embedded Ray) -> train run ->
-# train sample -> train plot. pipeline.demo writes the overrides that fit its cache.
+# train sample -> train plot -> the figure of real images beside samples of each class.
+# pipeline.demo writes the overrides that fit its cache.
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
-	$(BIN)/train run configs/demo.yaml preview.every=100 $$(cat demo_out/train-overrides)
+	$(BIN)/train run configs/demo.yaml preview.every=200 $$(cat demo_out/train-overrides)
 	$(BIN)/train sample demo_out/run --num 64 --cfg 1.65 --out demo_out/samples \
 	    $$(cat demo_out/sample-args)
 	$(BIN)/train plot demo_out/run --out demo_out/metrics.png
-	@printf '\nmake demo done. Sample grid: demo_out/samples/grid.png; loss plot: %s\n' \
-	        'demo_out/metrics.png; grids during training: demo_out/run/samples/'
+	$(BIN)/python -m pipeline.demo --figure
+	@printf '\nmake demo done. Real vs generated, per class: %s\nloss plot: %s\n' \
+	        'demo_out/figure.png' 'demo_out/metrics.png; grids during training: demo_out/run/samples/'
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py

@@ -68,9 +68,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     opts["progress"] = not opts.pop("no_progress")
     try:
         cfg = EncodeConfig(**opts)
-        if args.dry_run:
-            plan = make_plan(cfg)
+        if args.dry_run:   # the plan even without the weights, then why they are missing
+            plan = make_plan(cfg, without_weights=True)
             print(plan.describe())
+            if plan.missing_weights:
+                print("(the plan assumes the models' architectures: their weights are not "
+                      "here)")
+                raise WeightsError(plan.missing_weights)
             return 0
         run_encode(cfg)
     except (ValueError, SourceError, WeightsError) as e:
@@ -121,6 +125,8 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
                                 "(default: timm's hub weights)")
     a("--random-weights", action="store_true",
       help="random-init models (smoke tests and benchmarks only; recorded in the manifest)")
+    a("--random-teacher", action="store_true",
+      help="random-init teacher only, the VAE loads from --vae (the demo; recorded)")
     a("--token-dtype", default="fp16", choices=("fp16", "int8"))
     a("--teacher-attn", type=_blocks, default=(), metavar="B,B,...",
       help="also store the per-head q, k of these teacher blocks (0-indexed) for HASTE's "
@@ -144,7 +150,7 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
     a("--limit", type=int, help="encode N images spread evenly over the sorted list")
     a("--max-failures", default="0.1%",
       help="undecodable images allowed, a count or a percentage (default 0.1%%)")
-    a("--seed", type=int, default=0, help="seed of --random-weights")
+    a("--seed", type=int, default=0, help="seed of --random-weights / --random-teacher")
     a("--no-progress", action="store_true", help="no live progress bar")
     a("--break-lock", action="store_true",
       help="take the cache's lock even from a job that looks alive, saying whose: for a "

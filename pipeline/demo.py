@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 from cache import CacheLoader, LoaderConfig, open_cache
+from cache.format import CacheError
 
 from . import cli
+from .demo_figure import FigureError, write_figure
+from .demo_vae import write_pooling_vae
 
 
 def _real_weights_available() -> bool:
@@ -35,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="everything goes here; the Makefile expects demo_out")
     p.add_argument("--random", action="store_true",
                    help="small random-init models even when real weights are present")
+    p.add_argument("--figure", action="store_true",
+                   help="only draw OUT/figure.png: real images beside the samples of each "
+                        "class (after train sample --out OUT/samples)")
     args = p.parse_args(argv)
+    if args.figure:
+        try:
+            print(write_figure(args.out))
+        except (FigureError, CacheError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     cache = args.out / "cache"
     real = not args.random and _real_weights_available()
     encode = ["encode", "--dataset", "demo", "--data-dir", str(args.out / "images"),
@@ -48,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
               "the local Hugging Face cache; 64 images at 256 px")
         encode += ["--resolution", "256", "--limit", "64"]
     else:
-        print("[1/4] pipeline encode with RANDOM-INIT small models (--vae tiny --teacher "
-              "dinov2-tiny --random-weights): the demo runs the real pipeline, not real "
-              "features. Real runs: see README, 'Encoding ImageNet'.")
-        encode += ["--resolution", "128", "--vae", "tiny", "--teacher", "dinov2-tiny",
-                   "--random-weights"]
+        vae = write_pooling_vae(args.out / "vae")
+        print("[1/4] pipeline encode with the demo's pooling VAE (an AutoencoderKL whose "
+              "weights are set to 8x8 block averages: pipeline/demo_vae.py) and a RANDOM-INIT "
+              "small teacher (--teacher dinov2-tiny --random-teacher): the demo runs the real "
+              "pipeline; real runs: see README, 'Encoding ImageNet'.")
+        encode += ["--resolution", "128", "--vae", str(vae), "--teacher", "dinov2-tiny",
+                   "--random-teacher"]
     t = time.perf_counter()
     if cli.main(encode) != 0:
+        print(f"(a {cache} made by an older demo cannot be resumed: rm -rf {args.out} and "
+              "run make demo again)")
         return 1
     print(f"      {time.perf_counter() - t:.1f} s -> {cache}")
 
@@ -75,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {k: tuple(v.shape) for k, v in batch.items()}
         print(f"      {backend:4s}: {len(loader)} batches, {n / dt:,.0f} samples/s; "
               f"last batch {shapes}")
-    # configs/demo.yaml fits the random-init cache (128 px, 64-wide tokens); real weights
+    # configs/demo.yaml fits the pooling-VAE cache (128 px, 64-wide tokens); real weights
     # make 256 px latents and DINOv2-B's 768-wide tokens, and decode with the VAE found
     # locally (ft-mse; the papers decode with ft-ema, which may not be here)
-    decoder = "stabilityai/sd-vae-ft-mse"
-    overrides = f"model.latent_size=32 align.teacher_dim=768 preview.vae={decoder}" if real else ""
+    decoder = "stabilityai/sd-vae-ft-mse" if real else str(args.out / "vae")
+    overrides = "model.latent_size=32 align.teacher_dim=768 " if real else ""
+    overrides += f"preview.vae={decoder}"
     (args.out / "train-overrides").write_text(overrides + "\n")
-    (args.out / "sample-args").write_text((f"--vae {decoder}" if real else "") + "\n")
+    (args.out / "sample-args").write_text(f"--vae {decoder}\n")
     print(f"\ndone. The cache is in {cache}; `pipeline stats {cache}` summarises it; rerunning "
           "the demo resumes it (nothing to do).")
     print(f"next (make demo runs it): train run configs/demo.yaml {overrides}")

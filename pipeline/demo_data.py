@@ -1,6 +1,6 @@
 """The demo image set: small labelled JPEGs generated on the spot (no download).
 
-Ten classes, each a shape in its own colour family on a textured background, at varied
+Ten classes, each a shape in its own colour family on a greyish textured background, at varied
 sizes and aspect ratios so that the ADM centre crop has real work to do. Generation is
 deterministic (seeded per image), so two machines produce the same files byte for byte.
 """
@@ -31,7 +31,8 @@ def demo_image(label: int, index: int, seed: int = 0) -> Image.Image:
     """Image `index` of class `label`: an RGB PIL image of 80-240 px per side."""
     rng = np.random.default_rng([seed, label, index])
     w, h = (int(x) for x in rng.integers(80, 241, size=2))
-    base = rng.uniform(0, 255, size=3)
+    # a greyish background (random brightness, a slight tint) under a saturated shape
+    base = rng.uniform(30, 225) + rng.uniform(-20, 20, size=3)
     noise = rng.normal(0, 12, size=(h, w, 3)) + base
     img = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)

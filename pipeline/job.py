@@ -37,8 +37,8 @@ from cache.lock import LOCK_NAME, CacheLock, LockLostError, check_token
 from cache.store import Store, is_url
 from cache.writer import check_resumable
 
-from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, check_attn_blocks,
-                       teacher_input_size, token_grid, weights_sha256)
+from .encoders import (DEFAULT_TEACHER, DEFAULT_VAE, PRECISIONS, TEACHERS, WeightsError,
+                       check_attn_blocks, teacher_input_size, token_grid, weights_sha256)
 from .sources import SOURCES, Source, list_source
 from .stages import EncodeStage, build_models, decode_stage, shard_row, write_stage
 
@@ -107,6 +107,7 @@ class EncodeConfig:
     teacher: str = DEFAULT_TEACHER
     teacher_weights: str | None = None
     random_weights: bool = False
+    random_teacher: bool = False      # only the teacher random-init (the demo)
     token_dtype: str = "fp16"
     moments_dtype: str = "fp16"
     teacher_attn: tuple[int, ...] = ()  # teacher blocks whose q, k are stored (HASTE)
@@ -199,6 +200,8 @@ class Plan:
     provenance: dict[str, Any]
     hashes: dict[str, str]
     pending: list[int] = field(default_factory=list)
+    missing_weights: str | None = None   # a dry run without the weights: why (the plan
+    #                                      then assumes the architectures' shapes)
 
     @property
     def pending_images(self) -> int:
@@ -231,13 +234,24 @@ def attn_spec(cfg: EncodeConfig, teacher) -> dict[str, Any]:
             "attn_head_dim": int(attn.head_dim), "attn_dtype": DTYPES[cfg.attn_dtype]}
 
 
-def make_plan(cfg: EncodeConfig) -> Plan:
+def make_plan(cfg: EncodeConfig, *, without_weights: bool = False) -> Plan:
     """List the source and load the models once here (fails fast on bad paths and missing
-    weights, before any Ray work), and fix the cache spec and provenance."""
+    weights, before any Ray work), and fix the cache spec and provenance.
+    `without_weights` (the dry run): weights that cannot be had are replaced by a random
+    init of the same architecture (an unknown hub VAE: SD-VAE's) and the plan says why."""
     source = list_source(cfg.dataset, cfg.data_dir, cfg.split, cfg.limit)
-    vae, teacher = build_models(cfg.vae, cfg.teacher, resolution=cfg.resolution,
-                                teacher_weights=cfg.teacher_weights,
-                                random_weights=cfg.random_weights, seed=cfg.seed)
+    models = dict(resolution=cfg.resolution, teacher_weights=cfg.teacher_weights,
+                  seed=cfg.seed, random_teacher=cfg.random_teacher)
+    missing = None
+    try:
+        vae, teacher = build_models(cfg.vae, cfg.teacher, random_weights=cfg.random_weights,
+                                    **models)
+    except WeightsError as e:
+        if not without_weights:
+            raise
+        missing = str(e)
+        vae, teacher = build_models("tiny" if cfg.vae == "tiny" else "sd-vae", cfg.teacher,
+                                    random_weights=True, **{**models, "teacher_weights": None})
     hashes = {"vae": weights_sha256(vae), "teacher": weights_sha256(teacher)}
     grid, tspec = token_grid(cfg.resolution), TEACHERS[cfg.teacher]
     spec = CacheSpec(num_samples=len(source.items), shard_size=cfg.shard_size,
@@ -250,6 +264,8 @@ def make_plan(cfg: EncodeConfig) -> Plan:
     # so the same weights from another path or mirror resume the cache
     provenance = {
         "random_weights": cfg.random_weights,
+        # written only when set, so the manifests of every other cache stay as they were
+        **({"random_teacher": True} if cfg.random_teacher and not cfg.random_weights else {}),
         "source": source.provenance(cfg.limit),
         "preprocessing": {
             "resolution": cfg.resolution, "views": cfg.views,
@@ -278,7 +294,7 @@ def make_plan(cfg: EncodeConfig) -> Plan:
     }
     done = set.intersection(*(done_shards(cfg.out, b) for b in spec.backends))
     pending = [k for k in range(spec.num_shards) if k not in done]
-    return Plan(cfg, source, spec, provenance, hashes, pending)
+    return Plan(cfg, source, spec, provenance, hashes, pending, missing)
 
 
 # ---------------------------------------------------------------- Ray
@@ -289,6 +305,10 @@ def _init_ray(cfg: EncodeConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not sys.stderr.isatty():   # Ray colours its workers' lines even into a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not cfg.address:   # embedded: Ray's default (token auth) without its notice
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     kw: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
     kw.update(_shadow_guard())
     if cfg.address:
@@ -368,7 +388,8 @@ def build_dataset(plan: Plan, enc: Encoders, root: str, lock_token: str | None =
     ds = ds.map(decode_stage, fn_kwargs=dict(resolution=cfg.resolution, views=cfg.views),
                 num_cpus=1, memory=2 * decoded + (512 << 20))
     models = dict(vae=cfg.vae, teacher=cfg.teacher, teacher_weights=cfg.teacher_weights,
-                  random_weights=cfg.random_weights, seed=cfg.seed)
+                  random_weights=cfg.random_weights, seed=cfg.seed,
+                  random_teacher=cfg.random_teacher)
     ds = ds.map_batches(EncodeStage, batch_size=1, batch_format="numpy",
                         fn_constructor_args=(models, plan.hashes),
                         fn_constructor_kwargs=dict(
@@ -472,7 +493,7 @@ def _encode_locked(cfg: EncodeConfig, plan: Plan | None, root: Store, lock: Cach
             **plan.provenance, "precision": enc.precision,
             "command": {"argv": shlex.join(sys.argv), "data_dir": cfg.data_dir,
                         "vae": cfg.vae, "teacher_weights": cfg.teacher_weights,
-                        "seed": cfg.seed if cfg.random_weights else None,
+                        "seed": cfg.seed if cfg.random_weights or cfg.random_teacher else None,
                         "address": cfg.address, "encoders": f"{enc.size} x {enc.device}",
                         "batch_size": enc.batch_size},
             "host": socket.gethostname()}, latent_scale=plan.provenance["vae"]["scaling_factor"])

@@ -28,10 +28,11 @@ from .sources import Item, Source
 
 
 def build_models(vae: str, teacher: str, *, resolution: int, teacher_weights: str | None,
-                 random_weights: bool, seed: int):
+                 random_weights: bool, seed: int, random_teacher: bool = False):
+    """The VAE and the teacher; `random_teacher` makes only the teacher random-init."""
     return (build_vae(vae, random_weights=random_weights, seed=seed),
             build_teacher(teacher, resolution=resolution, weights=teacher_weights,
-                          random_weights=random_weights, seed=seed))
+                          random_weights=random_weights or random_teacher, seed=seed))
 
 
 def shard_row(source: Source, spec: CacheSpec, shard: int) -> dict[str, Any]:

@@ -17,10 +17,11 @@ from conftest import write_bad_folder, write_jpeg_folder
 from cache import CacheMismatchError, open_cache
 from cache.format import read_done_marker, read_manifest
 from pipeline import cli
-from pipeline.encoders import Encoder, build_teacher, build_vae
+from pipeline.encoders import Encoder, build_teacher, build_vae, weights_sha256
 from pipeline.job import EncodeConfig, build_dataset, make_plan, plan_encoders, run_encode
 from pipeline.preprocess import decode_items
 from pipeline.sources import list_source
+from train.config import load_config
 
 TINY = dict(dataset="imagefolder", resolution=64, vae="tiny", teacher="dinov2-tiny",
             random_weights=True, shard_size=4, batch_size=3, progress=False)
@@ -334,6 +335,36 @@ def test_local_weights_resume_from_other_paths(ray_local, images, tmp_path):
         **cfg, "vae": str(tmp_path / "vae2"), "teacher_weights": str(tmp_path / "teacher2.pth"),
         "batch_size": 5}), log=lambda s: None)
     assert summary["shards_encoded"] == 1 and open_cache(tmp_path / "c").verify().ok
+
+
+def test_the_demo_encode_pooling_vae_and_random_teacher(ray_local, images, tmp_path):
+    """What make demo encodes: a local VAE directory (the demo's pooling VAE) with only the
+    teacher random-init (--random-teacher): the latents are the crops' 8x8 block averages,
+    the teacher is the seeded random one, and the manifest and the trainer say so."""
+    import torch
+
+    from pipeline.demo_vae import write_pooling_vae
+    from train.data import check_cache
+    vae = write_pooling_vae(tmp_path / "vae")
+    run_encode(_cfg(tmp_path / "c", images, random_weights=False, random_teacher=True,
+                    vae=str(vae), seed=3, limit=8), log=lambda s: None)
+    prov = read_manifest(tmp_path / "c")["provenance"]
+    assert prov["random_weights"] is False and prov["random_teacher"] is True
+    assert prov["command"]["seed"] == 3
+    ds = open_cache(tmp_path / "c")
+    src = list_source("imagefolder", images, limit=8)
+    crops, _ = decode_items(src.items, 64, 1)
+    x = torch.from_numpy(np.asarray(crops)[:, 0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    moments = np.stack([ds[i]["moments"][0] for i in range(len(ds))]).astype(np.float32)
+    np.testing.assert_allclose(moments[:, :3], torch.nn.functional.avg_pool2d(x, 8).numpy(),
+                               atol=2e-3)   # fp16 storage
+    teacher = build_teacher("dinov2-tiny", resolution=64, random_weights=True, seed=3)
+    assert prov["teacher"]["weights_sha256"] == weights_sha256(teacher)
+    cfg = load_config(None, [f"data.cache={tmp_path / 'c'}", "run_dir=r", "model.latent_size=8",
+                             "model.arch=sit-down-tiny/2", f"align.teacher_dim={ds.spec.token_dim}",
+                             "model.num_classes=3"])
+    warnings = check_cache(ds, cfg).warnings
+    assert any("RANDOM-init teacher (--random-teacher)" in w for w in warnings)
 
 
 def test_a_folder_named_like_a_package_in_the_working_directory(images, tmp_path):

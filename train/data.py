@@ -63,6 +63,10 @@ def check_cache(ds: CacheDataset, cfg: TrainConfig) -> CacheCheck:
     if prov.get("random_weights"):
         warnings.append(f"cache {ds.root} was encoded with RANDOM weights (--random-weights): "
                         "fine for smoke tests, meaningless for real training")
+    elif prov.get("random_teacher"):
+        warnings.append(f"cache {ds.root}: its teacher tokens come from a RANDOM-init teacher "
+                        "(--random-teacher): the alignment term trains toward noise; fine for "
+                        "the demo, meaningless for real training")
     if ds.failures:
         warnings.append(f"{len(ds.failures)} sample(s) failed at encode time and are skipped")
     scale = float(man.get("latent", {}).get("scale", LATENT_SCALE))
