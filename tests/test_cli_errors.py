@@ -169,6 +169,23 @@ def test_help_imports_no_torch(argv):
     assert "usage:" in out.stdout and "TORCH False" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("override, says", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"), ("batch_size=0", "batch_size=0: must be >= 1"),
+    ("model.arch=sit-q/2", "model.arch='sit-q/2': choose one of"),
+    ("trackers=[wandbb]", "trackers=['wandbb']")])
+def test_a_config_typo_is_reported_before_torch_loads(override, says):
+    """A typo in a preset or an override is one line in about a second: the config is
+    checked before torch and the models are imported (it took 5-6 s; issue 17, point 5)."""
+    script = ("import sys\nfrom train.cli import main\nrc = main(sys.argv[1:])\n"
+              "print('RC', rc, 'TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, "run", "configs/demo.yaml", override],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "RC 2 TORCH False" in out.stdout, out.stdout + out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], out.stderr
+
+
 def test_the_documented_launch_works_inside_a_repa_checkout(cache, tmp_path):
     """A REPA or DiT checkout has its own train.py: `python -m train.cli` there imports it
     instead of this package; the installed `train` script, which the README launches, does
@@ -223,11 +240,13 @@ def _accumulation_error(world: int) -> str:
     return str(e.value)
 
 
-@pytest.mark.skipif(__import__("importlib.util").util.find_spec("tensorboard") is not None,
-                    reason="tensorboard is installed here")
-def test_dry_run_checks_that_tensorboard_is_installed(cache, tmp_path, capsys):
-    assert train_main(demo_args(cache, tmp_path / "r", "tensorboard=true", "--dry-run")) == 2
-    one_error_line(capsys, "tensorboard=true needs the tensorboard package")
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("swanlab") is not None,
+                    reason="swanlab is installed here")
+def test_dry_run_checks_that_each_tracker_is_installed(cache, tmp_path, capsys):
+    args = demo_args(cache, tmp_path / "r", "trackers=[tensorboard,swanlab]", "--dry-run")
+    assert train_main(args) == 2
+    one_error_line(capsys, "trackers: swanlab needs the swanlab package, which is not "
+                           "installed here: pip install swanlab")
 
 
 def test_dry_run_refuses_to_resume_another_recipe(cache, tmp_path, capsys):

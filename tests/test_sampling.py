@@ -171,3 +171,27 @@ def test_state_is_float64_and_the_model_sees_the_noise_dtype():
                 sample_ode(v, noise, y, steps=4)):
         assert out.dtype == torch.float32
     assert {c["x"].dtype for c in calls} == {torch.float32}
+
+
+@pytest.mark.parametrize("mode, method", [("sde", "heun"), ("ode", "heun"), ("ode", "euler")])
+def test_a_block_ticks_once_per_model_evaluation(mode, method):
+    """`train sample`'s bar moves with each model evaluation of a block, and a block makes
+    exactly evaluations(s) of them (with guidance too: one call on [x; x])."""
+    from train.generate import evaluations, sample_block
+    from train.methods import Sampling
+    from train.settings import SampleSettings
+
+    class Net(torch.nn.Module):   # a real module for Sampling's device and dtype
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y):
+            return (self.w * x,)
+    s = SampleSettings(num=3, cfg=1.5, mode=mode, ode_method=method, steps=7, batch_size=3)
+    sampling = Sampling(Net(), s, num_classes=4, dtype=torch.float32, interval=(0.0, 1.0))
+    ticks = []
+    sample_block(sampling, s, torch.Generator().manual_seed(0), (3, 2, 4, 4),
+                 tick=lambda: ticks.append(1))
+    assert len(ticks) == evaluations(s) == {"sde": 7, "heun": 13, "euler": 7}[
+        mode if mode == "sde" else method]

@@ -149,12 +149,42 @@ def test_resume_refuses_a_changed_recipe(cache, tmp_path):
     train(tiny(cache, tmp_path, "max_steps=3", "log_every=2"), log=lambda _: None)  # allowed
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(cache, tmp_path):
+def test_trackers_log_the_scalars_and_the_preview_grids(cache, tmp_path, tiny_vae):
+    """accelerate's TensorBoard tracker (a test dependency) gets every logged scalar of
+    metrics.jsonl and each preview grid as an image, equal to the PNG beside the run."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(tiny(cache, tmp_path, "max_steps=4", "log_every=2", "trackers=[tensorboard]",
+               "preview.every=2", "preview.num=4", "preview.steps=2",
+               f"preview.vae={tiny_vae}"), log=lambda _: None)
+    events = list((tmp_path / "urepa-cache").glob("events.out.tfevents*"))  # (hparams: a subdir)
+    assert len(events) == 1
+    ea = EventAccumulator(str(events[0].parent), size_guidance={"images": 0}).Reload()
+    logged = metrics(tmp_path)
+    assert [e.step for e in ea.Scalars("loss")] == [m["step"] for m in logged] == [2, 4]
+    assert [e.value for e in ea.Scalars("loss")] == pytest.approx(
+        [m["loss"] for m in logged], rel=1e-6)
+    images = ea.Images("preview")
+    assert [e.step for e in images] == [2, 4]
+    png = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
+    assert (png == np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))).all()
+
+
+@pytest.mark.parametrize("trackers, message", [
+    ("[swanlab]", "trackers: swanlab needs the swanlab package, which is not installed "
+                  "here: pip install swanlab (or remove swanlab from trackers)"),
+    ("[wandbb]", "trackers=['wandbb']: a list of distinct names from"),
+    ("[wandb,wandb]", "trackers=['wandb', 'wandb']: a list of distinct names"),
+])
+def test_a_tracker_that_cannot_run_is_a_clear_error(cache, tmp_path, trackers, message):
     import importlib.util
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed here")
-    with pytest.raises(ConfigError, match="pip install tensorboard"):
-        train(tiny(cache, tmp_path, "max_steps=1", "tensorboard=true"), log=lambda _: None)
+    if importlib.util.find_spec("swanlab") is not None:
+        pytest.skip("swanlab is installed here")
+    with pytest.raises(ConfigError) as e:
+        train(tiny(cache, tmp_path, "max_steps=1", f"trackers={trackers}"), log=lambda _: None)
+    assert str(e.value).startswith(message)
 
 
 def test_cpu_processes_share_the_cores():

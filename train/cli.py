@@ -139,15 +139,20 @@ def dry_run(cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    try:   # a config's typos are reported before torch is imported (about a second)
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _error(e)
+        return 2
     from cache import CacheError
 
     from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
     from .loop import NonFiniteLoss, train
     from .vae import DecoderError
 
     try:
-        cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             dry_run(cfg)
             return 0

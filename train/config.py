@@ -24,10 +24,13 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .models import ARCHS
-from .models.projector import UPSAMPLE_MODES
+from .archs import ARCH_NAMES, UPSAMPLE_MODES
 
 PRECISIONS = ("no", "fp16", "bf16")
+# accelerate's trackers (its `log_with` names) and the package each one needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+                    "aim": "aim", "trackio": "trackio", "comet_ml": "comet_ml",
+                    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
 
 
 class ConfigError(ValueError):
@@ -53,8 +56,8 @@ class ModelConfig:
     #                                  optimizer starts fresh
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise _bad("model", "arch", self.arch, f"choose one of {sorted(ARCHS)}")
+        if self.arch not in ARCH_NAMES:
+            raise _bad("model", "arch", self.arch, f"choose one of {sorted(ARCH_NAMES)}")
         if not 0 <= self.label_dropout < 1:  # also false for NaN
             raise _bad("model", "label_dropout", self.label_dropout, "must be in [0, 1)")
         for name in ("latent_size", "in_channels", "num_classes"):
@@ -77,9 +80,7 @@ class AlignConfig:
     teacher_dim: int = 768           # projector output; must equal the cache's token width
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-        if self.method not in METHODS:
-            raise _bad("align", "method", self.method, f"choose one of {sorted(METHODS)}")
+        # the method's name is checked by method_args (it needs the registry, and torch)
         if self.upsample not in UPSAMPLE_MODES:
             raise _bad("align", "upsample", self.upsample, f"choose one of {UPSAMPLE_MODES}")
         if self.depth is not None and self.depth < 1:
@@ -188,7 +189,11 @@ class TrainConfig:
     log_every: int = 100             # steps between metrics.jsonl lines
     checkpoint_every: int = 10_000   # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3        # the newest K are kept
-    tensorboard: bool = False        # also log through accelerate's TensorBoard tracker
+    trackers: list[str] = field(default_factory=list)  # also log scalars and preview grids
+    #                                  through accelerate's trackers, e.g. [wandb] (REPA's),
+    #                                  [tensorboard, mlflow]; metrics.jsonl is always written
+    tracker_project: str = "urepa-cache"  # wandb/aim/mlflow/... project; run: run_dir's name
+    tensorboard: bool = False        # the same as tensorboard in trackers (older configs)
     progress: bool = True            # progress bar on the main process
     log_samples: bool = False        # samples.jsonl: every step's sample indices per rank
 
@@ -206,6 +211,15 @@ class TrainConfig:
         if self.mixed_precision not in PRECISIONS:
             raise _bad("", "mixed_precision", self.mixed_precision,
                        f"choose one of {PRECISIONS}")
+        unknown = [t for t in self.trackers if t not in TRACKER_PACKAGES]
+        if unknown or len(set(self.trackers)) != len(self.trackers):
+            raise _bad("", "trackers", list(self.trackers),
+                       f"a list of distinct names from {sorted(TRACKER_PACKAGES)}")
+
+    def all_trackers(self) -> list[str]:
+        """`trackers`, plus tensorboard when the older `tensorboard: true` asks for it."""
+        return [*self.trackers, *(["tensorboard"] if self.tensorboard
+                                  and "tensorboard" not in self.trackers else [])]
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
         """(micro batch per device, accumulation steps) that make up the global batch."""
@@ -235,8 +249,8 @@ def model_geometry(cfg: TrainConfig) -> dict[str, int]:
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
     "run_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-    "tensorboard", "progress", "log_samples", "data.cache", "data.num_workers",
-    "data.backend", "data.verify_reads",
+    "trackers", "tracker_project", "tensorboard", "progress", "log_samples", "data.cache",
+    "data.num_workers", "data.backend", "data.verify_reads",
     "model.checkpointing",  # recomputes the same values; compile changes numerics
     *(f"preview.{f.name}" for f in dataclasses.fields(PreviewConfig)),  # read-only of the run
 }
@@ -419,6 +433,8 @@ def method_args(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """`given` checked against the Args dataclass of `method` (its keys, types and
     ranges), with every default filled in, so that config.yaml records them all."""
     from .methods import METHODS
+    if method not in METHODS:
+        raise _bad("align", "method", method, f"choose one of {sorted(METHODS)}")
     schema = METHODS[method].Args
     valid = _valid_keys(schema)
     unknown = sorted(str(k) for k in given if k not in valid)
@@ -453,7 +469,7 @@ def check_start(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """Every check of a run's start that needs only the config, the run directory and the
     process count (train() and `train run --dry-run` both call it): data.streams resolved
     (a resumed run keeps the streams it started with, else one per process), the batch
-    split over the processes, tensorboard installed when asked for, and a resume that
+    split over the processes, each tracker's package installed, and a resume that
     would not mix two recipes. Returns (micro batch per process, accumulation steps).
     Raises ConfigError."""
     saved = Path(cfg.run_dir) / "config.yaml"
@@ -461,9 +477,12 @@ def check_start(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
         cfg.data.streams = load_config(saved).data.streams
     cfg.data.streams = cfg.data.streams or world_size
     micro_accum = cfg.accumulation(world_size)
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("tensorboard=true needs the tensorboard package: "
-                          "pip install tensorboard (or set tensorboard=false)")
+    for name in cfg.all_trackers():
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"trackers: {name} needs the {package} package, which is not "
+                              f"installed here: pip install {package} (or remove {name} "
+                              "from trackers)")
     check_resume(cfg)
     return micro_accum
 

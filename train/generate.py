@@ -24,7 +24,7 @@ import math
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,19 +57,36 @@ def block_generator(seed: int, block: int, device: torch.device | str) -> torch.
 
 @torch.no_grad()
 def sample_block(sampling: Sampling, s: SampleSettings, generator: torch.Generator,
-                 shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 shape: tuple[int, int, int, int], tick: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of `shape` [n, C, h, w] (scaled, as trained) and their labels; every random
-    draw (the conditions, then the initial state, then the SDE's) comes from `generator`."""
+    draw (the conditions, then the initial state, then the SDE's) comes from `generator`.
+    `tick` is called after each of the model's evaluations (evaluations(s) per block)."""
+    velocity = sampling.velocity if tick is None else _ticking(sampling.velocity, tick)
     cond = sampling.condition(generator, shape[0])
     x = sampling.initial(generator, shape)
     g = Guidance(scale=sampling.scale(x), null_label=sampling.null, interval=sampling.interval)
     if s.mode == "sde":
-        x = sample_sde(sampling.velocity, x, cond, steps=s.steps, guidance=g,
+        x = sample_sde(velocity, x, cond, steps=s.steps, guidance=g,
                        generator=generator, last_step=s.sde_last_step)
     else:
-        x = sample_ode(sampling.velocity, x, cond, steps=s.steps, method=s.ode_method,
+        x = sample_ode(velocity, x, cond, steps=s.steps, method=s.ode_method,
                        guidance=g)
     return sampling.latent(x), sampling.labels(cond)
+
+
+def _ticking(velocity: Callable, tick: Callable[[], None]) -> Callable:
+    def call(*args):
+        out = velocity(*args)
+        tick()
+        return out
+    return call
+
+
+def evaluations(s: SampleSettings) -> int:
+    """The model evaluations of one block: one per SDE or Euler step; Heun adds a
+    corrector to every step but the last (a guided evaluation is one call on [x; x])."""
+    return 2 * s.steps - 1 if s.mode == "ode" and s.ode_method == "heun" else s.steps
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -78,12 +95,14 @@ def save_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(f, format="PNG")
 
 
-def save_grid(path: Path, images: torch.Tensor) -> None:
-    """uint8 [N, H, W, 3] -> one PNG, ceil(sqrt(N)) per row (torchvision's make_grid)."""
+def save_grid(path: Path, images: torch.Tensor) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> one PNG, ceil(sqrt(N)) per row (torchvision's make_grid);
+    returns the grid [H', W', 3]."""
     from torchvision.utils import make_grid
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))),
-                     padding=2, pad_value=255)
-    save_png(path, grid.permute(1, 2, 0).numpy())
+                     padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    save_png(path, grid)
+    return grid
 
 
 class Preview:
@@ -102,13 +121,14 @@ class Preview:
         self.method, self.num_classes, self.device = method, num_classes, device
         self.shape = (p.num, *shape)
 
-    def __call__(self, net: torch.nn.Module, path: Path) -> None:
+    def __call__(self, net: torch.nn.Module, path: Path) -> np.ndarray:
+        """Sample the fixed batch, save its grid at `path` and return it [H, W, 3]."""
         gen = block_generator(self.settings.seed, 0, self.device)
         sampling = self.method.sampling(net, self.settings, num_classes=self.num_classes,
                                         dtype=PRECISIONS[self.settings.precision],
                                         cache=self.training_cache)
         z, _ = sample_block(sampling, self.settings, gen, self.shape)
-        save_grid(path, self.decoder(z))
+        return save_grid(path, self.decoder(z))
 
 
 def _image_path(out: Path, i: int) -> Path:
@@ -228,12 +248,21 @@ def generate(source: str | Path, out: str | Path, s: SampleSettings, *,
             if not all(_image_path(out, i).exists()
                        for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.num)))]
     t0, made = time.perf_counter(), 0
-    for b in tqdm(mine, disable=not state.is_main_process, unit="batch", dynamic_ncols=True):
-        z, _ = sample_block(sampling, s, block_generator(s.seed, b, dev), shape)
-        n = min(s.batch_size, s.num - b * s.batch_size)   # a last block draws in full too
-        for k, img in enumerate(decoder(z[:n]).numpy()):
+    sizes = [min(s.batch_size, s.num - b * s.batch_size) for b in mine]  # a last block
+    # the bar counts this process's images, moved on by each model evaluation of a block
+    # (a block of 250 SDE steps on a CPU takes minutes: a bar per block stood still)
+    # (in integer image-evaluations, shown scaled to images)
+    per_eval = evaluations(s)
+    bar = tqdm(total=sum(sizes) * per_eval, disable=not state.is_main_process,
+               dynamic_ncols=True, unit_scale=1 / per_eval,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} images [{elapsed}<{remaining}]")
+    for b, n in zip(mine, sizes):
+        z, _ = sample_block(sampling, s, block_generator(s.seed, b, dev), shape,
+                            tick=lambda n=n: bar.update(n))
+        for k, img in enumerate(decoder(z[:n]).numpy()):  # draws in full, keeps n
             save_png(_image_path(out, b * s.batch_size + k), img)
         made += n
+    bar.close()
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()
     summary = {"out": str(out), "num": s.num, "made_here": made, "seconds": round(seconds, 2)}

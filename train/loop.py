@@ -204,7 +204,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     if cpu:   # processes on one machine share its cores: not all of them each
         torch.set_num_threads(cpu_threads(os.environ, os.cpu_count() or 1,
                                           torch.get_num_threads()))
-    # streams resolved (a resumed run keeps its own), the batch split, tensorboard, and a
+    # streams resolved (a resumed run keeps its own), the batch split, trackers, and a
     # resume that would mix two recipes: the checks `train run --dry-run` makes too
     micro, accum = check_start(cfg, world)
     ds = open_training_cache(cfg)
@@ -218,7 +218,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     ddp = DistributedDataParallelKwargs(
         find_unused_parameters=METHODS[cfg.align.method].partial_graph)
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, project_dir=str(run_dir),
-                      log_with="tensorboard" if cfg.tensorboard else None,
+                      log_with=cfg.all_trackers() or None,
                       kwargs_handlers=[ddp])
     main = acc.is_main_process
     say = log if main else (lambda _msg: None)
@@ -282,11 +282,29 @@ def resume(run: Run) -> None:
     if main:
         _trim_metrics(run.run_dir / "metrics.jsonl", run.state.step)
         _trim_metrics(run.run_dir / "samples.jsonl", run.state.step)
-    if cfg.tensorboard:  # hparams take scalars and strings only
-        run.acc.init_trackers("train", config={
+    if cfg.all_trackers():  # hparams take scalars and strings only
+        run.acc.init_trackers(cfg.tracker_project, config={
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in flatten(cfg).items()})
+            for k, v in flatten(cfg).items()}, init_kwargs=_run_names(cfg, run.run_dir))
     run.metrics = Metrics(run)
+
+
+def _run_names(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
+    """The run named after the run directory (REPA names its wandb runs), for the trackers
+    whose accelerate class takes a run name apart from the project."""
+    name = run_dir.resolve().name
+    keys = {"wandb": "name", "mlflow": "run_name", "trackio": "name"}
+    return {t: {keys[t]: name} for t in cfg.all_trackers() if t in keys}
+
+
+def log_image(acc: Any, name: str, grid: Any, step: int) -> None:
+    """A uint8 [H, W, 3] image to every tracker that takes images (metrics.jsonl does not:
+    the PNG next to it is the record)."""
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: grid[None]}, step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):   # wandb, aim, clearml, swanlab
+            tracker.log_images({name: [grid]}, step)
 
 
 def _read_fields(run: Run, fields: tuple[str, ...], batches) -> Iterator:
@@ -372,7 +390,8 @@ def after_step(run: Run, terms: dict[str, float], timing: tuple[float, float]) -
     if step % cfg.log_every == 0 or done or run.method.phase_change(step):
         run.metrics.flush()
     if run.preview and (step % cfg.preview.every == 0 or done):
-        run.preview(run.ema, run.run_dir / "samples" / f"step_{step:08d}.png")  # own generator
+        grid = run.preview(run.ema, run.run_dir / "samples" / f"step_{step:08d}.png")
+        log_image(run.acc, "preview", grid, step)
     if step % cfg.checkpoint_every == 0 or done:
         replicas = _check_replicas(run.acc, run.net, step)
         path = save_run_checkpoint(run.acc, run.run_dir, step, cfg.keep_checkpoints,
@@ -428,7 +447,7 @@ class Metrics:
             self.bar.set_postfix(loss=f"{self.last['loss']:.4f}",
                                  img_s=f"{self.last['img_per_s']:.0f}",
                                  wait=f"{100 * self.last['data_wait']:.1f}%")
-        if run.cfg.tensorboard:
+        if run.cfg.all_trackers():
             run.acc.log({k: v for k, v in self.last.items() if k not in ("step", "time")},
                         step=run.state.step)
         self._reset()

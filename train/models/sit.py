@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..archs import SIT_SIZES  # noqa: F401  (the sizes, kept torch-free there)
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -270,13 +272,3 @@ class SiT(nn.Module):
         out, pre = head_out(self.final_layer, h, c, p)
         return ((self.unpatchify(out), hidden) + ((pre,) if p else ())
                 + logits_tail(attn_logits, want, logits))
-
-
-SIT_SIZES: dict[str, dict] = {
-    # align_depth: REPA's block k (1-indexed) for its projector: 8 for L and XL, 4 for B
-    "sit-xl/2": dict(depth=28, dim=1152, heads=16, align_depth=8),  # 675M, 118.6 GMACs
-    "sit-l/2": dict(depth=24, dim=1024, heads=16, align_depth=8),   # 458M, 80.8
-    "sit-b/2": dict(depth=12, dim=768, heads=12, align_depth=4),    # 130M, 23.0
-    "sit-s/2": dict(depth=12, dim=384, heads=6, align_depth=4),     # 33M
-    "sit-tiny/2": dict(depth=2, dim=64, heads=2, align_depth=1),    # tests and the CPU demo
-}

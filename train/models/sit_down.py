@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..archs import SIT_DOWN_SIZES  # noqa: F401  (the sizes, kept torch-free there)
+
 from .sit import (FinalLayer, LabelEmbedder, TimestepEmbedder, check_attn_logits,
                   explicit_attention, head_out, initialize_sit_weights, logits_tail,
                   modulate, unpatchify)
@@ -251,12 +253,3 @@ class SiTDown(nn.Module):
         out, pre = head_out(self.final_layer, h, c, p)                     # [B, 256, p*p*C]
         v = unpatchify(out, self.patch, self.in_channels, self.grid)
         return (v, hidden) + ((pre,) if p else ()) + logits_tail(attn_logits, want, logits)
-
-
-SIT_DOWN_SIZES: dict[str, dict] = {
-    "sit-down-xl/2": dict(stages=(10, 16, 10), dim=1152, heads=16),  # 955.4M, 110.4 GMACs
-    "sit-down-l/2": dict(stages=(9, 14, 9), dim=1024, heads=16),     # 681.6M, 79.5
-    "sit-down-b/2": dict(stages=(5, 5, 5), dim=768, heads=12),       # 201.9M, 25.5
-    "sit-down-s/2": dict(stages=(4, 4, 4), dim=384, heads=6),        # 42.8M, 5.5
-    "sit-down-tiny/2": dict(stages=(1, 2, 1), dim=64, heads=2),      # tests and the CPU demo
-}
