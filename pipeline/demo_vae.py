@@ -110,7 +110,8 @@ def block_average(x: torch.Tensor, block: int = 8) -> torch.Tensor:
 
 def describe_vae(name: str | None, provenance: dict) -> str:
     """How the demo figure names a decoder: the pooling VAE by what it is, others by name."""
-    name = name or str(provenance.get("command", {}).get("vae"))
+    command = provenance.get("command")   # a damaged manifest may hold anything here
+    name = name or str(command.get("vae") if isinstance(command, dict) else None)[:4096]
     if is_pooling_vae(name):
         return (f"{name}, the demo's pooling VAE (8x8 block averages, weights set, not "
                 "learned: pipeline/demo_vae.py)")

@@ -103,8 +103,19 @@ def test_the_figure_puts_real_images_beside_each_class_samples(demo_dir):
     assert (area.max(-1) == area.min(-1)).all() and (area < 255).any()
 
 
-@pytest.mark.parametrize("damage", ["missing", "pickled", "shape", "labels"])
+def _claiming(shape, dtype=np.uint8) -> bytes:
+    """An .npy member whose header claims `shape` over a few bytes of data."""
+    import io
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return f.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize("damage", ["missing", "pickled", "shape", "labels", "huge",
+                                    "huge-labels", "settings", "jpeg"])
 def test_the_figure_refuses_what_train_sample_did_not_write(demo_dir, damage, capsys):
+    import zipfile
     root, images, labels = demo_dir
     npz = root / "samples" / "samples.npz"
     if damage == "missing":
@@ -113,10 +124,47 @@ def test_the_figure_refuses_what_train_sample_did_not_write(demo_dir, damage, ca
         np.savez(npz, np.array([{"a": 1}], dtype=object), labels)
     elif damage == "shape":
         np.savez(npz, images[:, :, :16], labels)
-    else:
+    elif damage == "labels":
         np.savez(npz, images, labels[:-1])
+    elif damage.startswith("huge"):   # headers claiming terabytes: refused, not allocated
+        n = 10**6
+        with zipfile.ZipFile(npz, "w") as z:
+            z.writestr("arr_0.npy", _claiming((n, 1024, 1024, 3)))
+            z.writestr("arr_1.npy", _claiming((n,), np.int64) if damage == "huge-labels"
+                       else _npy(np.zeros(n, np.int64)))
+    elif damage == "settings":   # JSON, but not train sample's object of settings
+        (root / "samples" / "sample.json").write_text("[1, 2]")
+    else:
+        first = sorted((root / "images").glob("03_*/*.jpg"))[0]
+        first.write_bytes(b"not a jpeg")
     with pytest.raises(FigureError):
         write_figure(root)
     assert demo.main(["--out", str(root), "--figure"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "samples" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert ("images" if damage == "jpeg" else "samples") in err[0]
+
+
+def _npy(array) -> bytes:
+    import io
+    f = io.BytesIO()
+    np.lib.format.write_array(f, array)
+    return f.getvalue()
+
+
+def test_the_figure_draws_around_odd_settings_and_labels(demo_dir):
+    """sample.json's values are text in a caption: any JSON there draws (no crash on a
+    number for the interval or a list for the VAE); labels outside the demo's 10 classes
+    are not drawn, and only the first FAKE samples of a class are read."""
+    root, images, labels = demo_dir
+    (root / "samples" / "sample.json").write_text(json.dumps({
+        "interval": 0.5, "vae": [1], "arch": {"x": 1}, "cfg": None, "seed": "s" * 10_000}))
+    odd = np.concatenate([labels, [-1, 10, 2**40]])
+    more = np.concatenate([images, images[:3]])
+    np.savez(root / "samples" / "samples.npz", more, odd)
+    fig = np.asarray(Image.open(write_figure(root)).convert("RGB"))
+    tile, pad, name_w, gap, top = 32, 6, 96, 12, 18 + 6
+    x0 = name_w + REAL * (tile + pad) + gap
+    assert (fig[top + 3 * (tile + pad):][:tile, x0:x0 + tile] == images[labels == 3][0]).all()
+    (root / "samples" / "sample.json").write_text(json.dumps({"interval": [0.1]}))
+    write_figure(root)
