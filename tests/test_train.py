@@ -172,6 +172,42 @@ def test_trackers_log_the_scalars_and_the_preview_grids(cache, tmp_path, tiny_va
     assert (png == np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))).all()
 
 
+def test_each_tracker_gets_the_preview_grid_as_its_log_images_takes_it(monkeypatch):
+    """accelerate's own log_images of each tracker that takes images, on a stand-in run:
+    wandb and swanlab take a list of images per name, aim and clearml one image (aim.Image
+    and clearml's report_image refuse a list)."""
+    import logging
+    import types
+
+    from accelerate import tracking
+
+    from train.loop import log_image
+    grid = np.zeros((6, 6, 3), np.uint8)
+    got = []
+
+    class One:   # aim.Image, clearml's report_image: one array or PIL image
+        def __init__(self, image, **_):
+            assert isinstance(image, np.ndarray), type(image)
+            got.append(image)
+
+    monkeypatch.setattr(tracking, "logger", logging.getLogger("test"))  # no accelerate state
+    monkeypatch.setitem(sys.modules, "aim", types.SimpleNamespace(Image=One))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=One))
+    monkeypatch.setitem(sys.modules, "swanlab", types.SimpleNamespace(Image=One))
+    trackers = []
+    for cls in (tracking.AimTracker, tracking.ClearMLTracker, tracking.WandBTracker,
+                tracking.SwanLabTracker):
+        t = object.__new__(cls)
+        t.main_process_only = False
+        t.writer = types.SimpleNamespace(track=lambda *a, **k: None)
+        t.task = types.SimpleNamespace(get_logger=lambda: types.SimpleNamespace(
+            report_image=lambda image=None, **k: One(image)))
+        t.log = lambda values, **k: None
+        trackers.append(t)
+    log_image(types.SimpleNamespace(trackers=trackers), "preview", grid, 2)
+    assert len(got) == 4 and all(g is grid for g in got)
+
+
 @pytest.mark.parametrize("trackers, message", [
     ("[swanlab]", "trackers: swanlab needs the swanlab package, which is not installed "
                   "here: pip install swanlab (or remove swanlab from trackers)"),

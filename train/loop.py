@@ -303,7 +303,9 @@ def log_image(acc: Any, name: str, grid: Any, step: int) -> None:
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({name: grid[None]}, step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):   # wandb, aim, clearml, swanlab
+        elif tracker.name in ("aim", "clearml"):   # one image per name (aim.Image(value),
+            tracker.log_images({name: grid}, step)  # clearml's report_image(image=value))
+        elif hasattr(tracker, "log_images"):   # wandb, swanlab: a list of images per name
             tracker.log_images({name: [grid]}, step)
 
 
