@@ -143,6 +143,9 @@ class EncodeConfig:
             self.out = os.path.abspath(self.out)
         self.data_dir = os.path.abspath(self.data_dir)
         if self.teacher_weights is not None:
+            if self.random_teacher or self.random_weights:   # the weights would be ignored
+                bad("teacher_weights", "cannot go with --random-teacher or --random-weights "
+                                       "(the teacher is then random-init): drop one")
             self.teacher_weights = os.path.abspath(self.teacher_weights)
         if os.path.exists(self.vae):
             self.vae = os.path.abspath(self.vae)

@@ -440,3 +440,19 @@ def test_teacher_attention_options_are_one_line(encode_inputs, tmp_path, capsys,
         "--dry-run", *extra]) == 2
     one_error_line(capsys, *says)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--random-teacher", "--random-weights"])
+def test_teacher_weights_with_a_random_teacher_is_one_line(encode_inputs, tmp_path, capsys,
+                                                           flag):
+    """--teacher-weights would be loaded by nothing (the teacher is random-init): refused
+    before the plan, not recorded as if it had been used."""
+    weights = tmp_path / "teacher.pth"
+    weights.write_bytes(b"unused")
+    assert pipeline_main([
+        "encode", "--dataset", "imagefolder", "--data-dir", str(encode_inputs / "images"),
+        "--out", str(tmp_path / "out"), "--vae", str(encode_inputs / "vae"),
+        "--teacher", "dinov2-tiny", flag, "--teacher-weights", str(weights),
+        "--resolution", "64", "--dry-run"]) == 2
+    one_error_line(capsys, f"--teacher-weights '{weights}'", "--random-teacher")
+    assert not (tmp_path / "out").exists()
