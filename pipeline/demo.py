@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--random-teacher"]
     t = time.perf_counter()
     if cli.main(encode) != 0:
-        print(f"(a {cache} made by an older demo cannot be resumed: rm -rf {args.out} and "
-              "run make demo again)")
+        if cache.exists():
+            print(f"(if {cache} was made by an older version of the demo, it cannot be "
+                  f"resumed: rm -rf {args.out} and run make demo again)")
         return 1
     print(f"      {time.perf_counter() - t:.1f} s -> {cache}")
 

@@ -128,7 +128,7 @@ def _caption(settings: dict, manifest: dict, vae: str) -> list[str]:
     prov = prov if isinstance(prov, dict) else {}
     teacher = prov.get("teacher")
     teacher = teacher if isinstance(teacher, dict) else {}
-    random_teacher = prov.get("random_weights") or prov.get("random_teacher")
+    random_all, random_teacher = prov.get("random_weights"), prov.get("random_teacher")
     interval = settings.get("interval")
     if not (isinstance(interval, list) and len(interval) == 2):
         interval = [None, None]
@@ -141,8 +141,9 @@ def _caption(settings: dict, manifest: dict, vae: str) -> list[str]:
         f"{s['step']} steps ({s['weights']} weights); sampler: "
         f"{s['mode']}, {s['steps']} steps, CFG {s['cfg']} "
         f"on t in [{_text(interval[0])}, {_text(interval[1])}], seed {s['seed']}.",
-        f"Decoder: {vae}. Teacher: {_text(teacher.get('name'), 'None')}"
-        + (", RANDOM-init (the alignment targets are noise)" if random_teacher
+        f"Decoder: {vae}" + (" (the cache's VAE was RANDOM-init)" if random_all else "")
+        + f". Teacher: {_text(teacher.get('name'), 'None')}"
+        + (", RANDOM-init (the alignment targets are noise)" if random_all or random_teacher
            else ", pretrained") + ".",
     ]
 

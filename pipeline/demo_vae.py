@@ -89,6 +89,8 @@ def pooling_vae():
     """The AutoencoderKL described above (fp32, eval mode)."""
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**DEMO_VAE_CONFIG)
+    for p in vae.parameters():   # what is not set below is unused: zero, not random, so
+        p.zero_()                # that the file (and the cache's VAE hash) is the same always
     _identity(vae)
     enc, dec = vae.encoder, vae.decoder
     _pairs_in(enc.conv_in, 3)
@@ -130,15 +132,29 @@ def is_pooling_vae(folder: str | Path) -> bool:
 def write_pooling_vae(out: str | Path) -> Path:
     """Save it as a diffusers directory (config.json + safetensors) that `--vae`,
     `preview.vae` and `train sample --vae` load; kept if already there and current."""
+    import shutil
     out = Path(out)
-    if is_pooling_vae(out):
-        return out
     vae = pooling_vae()
+    if is_pooling_vae(out) and _same_weights(out, vae.state_dict()):
+        return out
     vae.register_to_config(_name_or_path=_MARK)
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        import shutil
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
     tmp.rename(out)
     return out
+
+
+def _same_weights(folder: Path, state: dict[str, torch.Tensor]) -> bool:
+    """The saved weights equal `state` (a damaged or missing file does not)."""
+    from safetensors.torch import load_file
+    try:
+        saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    except Exception:   # SafetensorError, OSError: not the file we write
+        return False
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], v)
+                                                for k, v in state.items())

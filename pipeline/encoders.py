@@ -223,7 +223,7 @@ def build_teacher(name: str = DEFAULT_TEACHER, *, resolution: int = 256,
     kw = dict(img_size=teacher_input_size(resolution), num_classes=0, **spec.kwargs)
     if spec.pretrained_tag is None and not random_weights and weights is None:
         raise WeightsError(f"teacher {name} has no published weights: use it only with "
-                           "--random-weights or --teacher-weights")
+                           "--random-weights, --random-teacher or --teacher-weights")
     if random_weights or weights is not None:
         with _seeded(seed + 1):
             model = timm.create_model(spec.arch, pretrained=False, **kw)

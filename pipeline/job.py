@@ -310,16 +310,20 @@ def _init_ray(cfg: EncodeConfig) -> bool:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not sys.stderr.isatty():   # Ray colours its workers' lines even into a log file
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if not cfg.address:   # embedded: Ray's default (token auth) without its notice (setting
-        # RAY_AUTH_MODE here instead breaks the start: Ray has read its config already)
-        logging.getLogger("ray._private.authentication.authentication_token_setup"
-                          ).setLevel(logging.ERROR)
     kw: dict[str, Any] = dict(logging_level=logging.WARNING, include_dashboard=False)
     kw.update(_shadow_guard())
     if cfg.address:
         ray.init(address=cfg.address, **kw)
-    else:
+        return True
+    # embedded: Ray's default (token auth) without its notice, for this start only (setting
+    # RAY_AUTH_MODE here instead breaks the start: Ray has read its config already)
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
         ray.init(num_cpus=cfg.num_cpus, **kw)
+    finally:
+        notice.setLevel(level)
     return True
 
 

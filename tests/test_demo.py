@@ -31,6 +31,8 @@ def test_pooling_vae_encodes_block_averages_and_decodes_them():
     torch.testing.assert_close(post.mean[:, :3], torch.nn.functional.avg_pool2d(x, 8),
                                atol=2e-4, rtol=0)
     assert post.mean[:, 3].abs().max() == 0
+    same = pooling_vae().state_dict()            # deterministic: no random init left
+    assert all(torch.equal(v, same[k]) for k, v in vae.state_dict().items())
     torch.testing.assert_close(post.std, torch.full_like(post.std, np.exp(LOGVAR / 2)))
     out = vae.decode(post.mean).sample
     torch.testing.assert_close(out, block_average(x), atol=5e-4, rtol=0)
@@ -62,6 +64,13 @@ def test_the_saved_vae_is_what_encode_and_sample_load(tmp_path):
     # a damaged config is not taken for it, and is rewritten
     (folder / "config.json").write_text("{")
     assert not is_pooling_vae(folder) and is_pooling_vae(write_pooling_vae(folder))
+    # so are damaged weights under a good config, and a file where the folder should be
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    write_pooling_vae(folder)
+    assert build_vae(str(folder)) is not None and weights.stat().st_size > 100
+    (tmp_path / "file").write_text("x")
+    assert is_pooling_vae(write_pooling_vae(tmp_path / "file"))
 
 
 @pytest.fixture

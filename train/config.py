@@ -477,6 +477,7 @@ def check_start(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
         cfg.data.streams = load_config(saved).data.streams
     cfg.data.streams = cfg.data.streams or world_size
     micro_accum = cfg.accumulation(world_size)
+    method_args(cfg.align.method, cfg.method_args)   # a config built in code: checked here
     for name in cfg.all_trackers():
         package = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(package) is None:
