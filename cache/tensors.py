@@ -1,7 +1,8 @@
 """torch.save files a user passes on the command line (teacher weights, the Inception
 port, REPA-family checkpoints): read as tensors and plain containers only, never by
 running pickled code, and refused in one line otherwise. Files the project writes itself
-are never pickles (safetensors and JSON: docs/trust.md)."""
+are never pickles (safetensors and JSON: docs/trust.md). Also the header of an .npy array
+(a .npz member, a webdataset member), read without loading the array."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ from typing import Any, Sequence
 class RefusedFileError(ValueError):
     """The file is no torch.save file of tensors; the message says why in one line.
     Callers add the path and what they expected."""
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, Any]:
+    """(shape, fortran_order, dtype) of the .npy stream `f`, left at its first data byte.
+    The header is parsed by numpy's own reader (never evaluated as code); raises
+    ValueError for a bad magic or a format version other than 1.0 and 2.0."""
+    import numpy as np
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"an .npy format version {version} (1.0 and 2.0 are read)")
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -33,6 +33,7 @@ import webdataset as wds
 
 from .format import INDEX, KEY, LABEL, CacheSpec, DamagedCacheError
 from .store import ShardFiles, Store
+from .tensors import read_npy_header
 
 DIR = "wds"
 _EXT = {"label": "label.cls", "key": "key.txt"}  # every other field: "<name>.npy"
@@ -207,10 +208,7 @@ class WdsReader:
         hit = self._headers.get(head)
         if hit is None:
             f = io.BytesIO(bytes(buf[offset:offset + min(size, 4096)]))
-            major, _ = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if major == 1
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = read_npy_header(f)
             if fortran:
                 raise ValueError("fortran-ordered .npy members are not written by this cache")
             hit = self._headers[head] = (f.tell(), dtype, shape)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cache.format import atomic_file, read_manifest
+from cache.tensors import read_npy_header
 
 from .demo_data import DEMO_CLASSES
 from .demo_vae import describe_vae
@@ -33,8 +34,6 @@ class FigureError(ValueError):
 
 MAX_SAMPLES = 1 << 24      # labels read whole: 128 MiB of int64 at most
 MAX_SETTINGS = 1 << 20     # sample.json: bytes
-_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def _member(zf: zipfile.ZipFile, key: str, npz: Path):
@@ -44,10 +43,7 @@ def _member(zf: zipfile.ZipFile, key: str, npz: Path):
     try:
         info = zf.getinfo(f"{key}.npy")
         f = zf.open(info)
-        header = _HEADERS.get(np.lib.format.read_magic(f))
-        if header is None:
-            raise ValueError("an .npy format version other than 1.0 and 2.0")
-        shape, fortran, dtype = header(f)
+        shape, fortran, dtype = read_npy_header(f)
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise FigureError(f"{npz}: {key} is not a readable .npy array "
                           f"({(str(e).splitlines() or [''])[0][:200]})") from None

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from cache.tensors import read_npy_header
+
 from .fid import (frechet_distance, gaussian_stats, inception_score, precision_recall,
                   reference_stats)
 from .inception import FIDInception, InceptionWeightsError
@@ -42,13 +44,8 @@ def npz_keys(path: Path) -> list[str]:
 def _read_header(f, path: Path, key: str) -> tuple[int, ...]:
     """The shape of the .npy member `f` after checking it holds C-order uint8 images
     [N >= 1, H >= 1, W >= 1, 3]; `f` is left at the first data byte."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        read_header = readers.get(np.lib.format.read_magic(f))
-        if read_header is None:
-            raise ValueError("an .npy format version other than 1.0 and 2.0")
-        shape, fortran, dtype = read_header(f)
+        shape, fortran, dtype = read_npy_header(f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise EvalError(f"{path}: {key} is not a readable .npy array ({type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
