@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -219,7 +220,11 @@ class CacheSpec:
 
     @property
     def fields(self) -> dict[str, FieldSpec]:
-        """Stored fields in storage dtypes (int8 tokens bring their scale field)."""
+        """Stored fields in storage dtypes (int8 tokens bring their scale field). Built
+        once per spec (the loader asks for them per block read): do not modify."""
+        return _spec_fields(self)
+
+    def _build_fields(self) -> dict[str, FieldSpec]:
         v, c, s = self.views, self.latent_channels, self.latent_size
         out = {
             MOMENTS: FieldSpec((v, 2 * c, s, s), self.moments_dtype),
@@ -278,6 +283,11 @@ class CacheSpec:
                           "attn_blocks": tuple(d.get("attn_blocks", ()))})
         except ValueError as e:
             raise DamagedCacheError(f"manifest {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_fields(spec: CacheSpec) -> dict[str, FieldSpec]:
+    return spec._build_fields()
 
 
 def _is_int(value: Any) -> bool:

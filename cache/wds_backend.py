@@ -83,38 +83,177 @@ class WdsWriter:
         return [rel]
 
 
+_BLOCK = 512  # tar block
+
+
+def _walk_members(path: Path, stop_after_keys: int | None = None
+                  ) -> dict[int, dict[str, tuple[int, int, int]]]:
+    """{key: {ext: (header offset, data offset, size)}} of the regular files in the tar,
+    in tar order, through the stdlib's tarfile (every header read and checked). With
+    `stop_after_keys`, stops at the first member of key number stop_after_keys + 1."""
+    rows: dict[int, dict[str, tuple[int, int, int]]] = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            stem, _, ext = m.name.partition(".")
+            if not stem.isdigit() or len(stem) > 12:
+                raise ValueError(f"member name {m.name[:40]!r} is not <index>.<field>")
+            key = int(stem)
+            if stop_after_keys is not None and key not in rows \
+                    and len(rows) == stop_after_keys:
+                rows[key] = {ext: (m.offset, m.offset_data, m.size)}
+                break
+            rows.setdefault(key, {})[ext] = (m.offset, m.offset_data, m.size)
+    return rows
+
+
+def _octal(fields: np.ndarray, digits: int) -> np.ndarray | None:
+    """Values of tar number fields [n, w] written as `digits` octal digits then NUL (as
+    Python's tarfile writes them), or None if any field is not of that form."""
+    d = fields[:, :digits]
+    if not (((d >= 48) & (d <= 55)).all() and (fields[:, digits] == 0).all()):
+        return None
+    return (d.astype(np.int64) - 48) @ (8 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
+
+
+def _row_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """C-order strides of one row of `shape`."""
+    sizes = np.cumprod((1, *shape[:0:-1]), dtype=np.int64)[::-1] if shape else ()
+    return tuple(int(n) * dtype.itemsize for n in sizes)
+
+
 class _MappedTar:
     """A tar mapped into memory, indexed by member: `keys` are the samples' global indices
     in tar order and offsets[ext] / sizes[ext] the data offset and size of each sample's
-    member with that extension."""
+    member with that extension.
+
+    A tar whose samples repeat the first sample's layout at a fixed stride (every tar
+    this cache writes) is indexed from its first two samples (read with tarfile), its
+    last one and its end, without reading the ~6 headers per sample in between: on a
+    cold disk those are one random read each, longer than reading the whole tar. Each
+    member's header is then checked when its data is first located (its name and key,
+    size, checksum and every other byte against the first sample's; the header sits next
+    to the data, so this costs no extra read). If one does not fit, or the keys have
+    gaps (samples that failed), the tar is indexed by a walk through every member."""
 
     def __init__(self, path: Path, rel: str):
-        self.rel = rel
-        rows: dict[int, dict[str, tuple[int, int]]] = {}
+        self.rel, self.path = rel, path
         try:
-            with tarfile.open(path, "r:") as tf:
-                for m in tf:
-                    if m.isfile():
-                        stem, _, ext = m.name.partition(".")
-                        if not stem.isdigit() or len(stem) > 12:
-                            raise ValueError(f"member name {m.name[:40]!r} is not "
-                                             "<index>.<field>")
-                        rows.setdefault(int(stem), {})[ext] = (m.offset_data, m.size)
-        except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
+            with open(path, "rb") as f:
+                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # missing, or empty (mmap refuses 0 bytes)
             raise DamagedCacheError(f"{rel}: unreadable tar ({e}); run `pipeline verify` "
                                     "on the cache") from None
+        self.views: dict[str, tuple | None] = {}  # by WdsReader._rows
+        self.npy_unchecked: dict[str, np.ndarray] = {}  # by WdsReader._same_npy
+        self._unchecked: dict[str, np.ndarray] = {}  # rows whose header is yet to be checked
+        if not self._index_by_stride():
+            self._index_by_walk()
+
+    def _index_by_walk(self) -> None:
+        try:
+            rows = _walk_members(self.path)
+        except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise DamagedCacheError(f"{self.rel}: unreadable tar ({e}); run `pipeline "
+                                    "verify` on the cache") from None
         self.keys = np.fromiter(rows, dtype=np.int64, count=len(rows))
         exts = {e for r in rows.values() for e in r}
-        self.offsets = {e: np.array([r.get(e, (-1, 0))[0] for r in rows.values()], np.int64)
-                        for e in exts}
-        self.sizes = {e: np.array([r.get(e, (-1, 0))[1] for r in rows.values()], np.int64)
-                      for e in exts}
-        with open(path, "rb") as f:
-            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.offsets = {e: np.array([r.get(e, (-1, -1, 0))[1] for r in rows.values()],
+                                    np.int64) for e in exts}
+        self.sizes = {e: np.array([r.get(e, (-1, -1, 0))[2] for r in rows.values()],
+                                  np.int64) for e in exts}
+        self.views.clear()
+        self.npy_unchecked.clear()
+        self._unchecked = {}
+
+    def _index_by_stride(self) -> bool:
+        try:
+            first = _walk_members(self.path, stop_after_keys=1)
+        except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError):
+            return False
+        if len(first) != 2:
+            return False
+        members, second = first.values()
+        base = min(h for h, _, _ in members.values())
+        stride = min(h for h, _, _ in second.values()) - base
+        n = (len(self.buf) - base) // stride if stride > 0 else 0
+        if n < 2 or any(self.buf[base + n * stride:].rstrip(b"\0")):  # end: zero blocks
+            return False
+        order = sorted(members.items(), key=lambda kv: kv[1][0])
+        at = order[0][1][1] - _BLOCK
+        name = self.buf[at:at + 13]
+        if b"." not in name:
+            return False
+        self._digits = name.index(b".")  # the key's width in member names (9: %09d)
+        self._stride, self._whole = stride, np.frombuffer(self.buf, np.uint8)
+        ends = [h for _, (h, _, _) in order[1:]] + [base + stride]
+        self._layout = {ext: (head, data, end) for (ext, (head, data, _)), end in zip(order, ends)}
+        rows = np.arange(n, dtype=np.int64)
+        self.offsets = {ext: data + stride * rows for ext, (_, data, _) in self._layout.items()}
+        self.sizes = {ext: np.full(n, size, np.int64) for ext, (_, _, size) in members.items()}
+        self.keys = np.zeros(n, np.int64)
+        self._unchecked = {ext: np.ones(n, bool) for ext in self._layout}
+        ends = [self._headers(order[0][0], r) for r in (0, n - 1)]
+        if any(k is None for k in ends):
+            return False
+        if int(ends[1][0]) - int(ends[0][0]) + 1 == n:  # no gaps: every key follows
+            self.keys = int(ends[0][0]) + rows
+            return all(self.check(ext, r, r + 1) for ext in self._layout for r in (0, 1, n - 1))
+        # gaps (failed samples): read every header now, their keys place the rows
+        keys = [self._headers(ext, slice(0, n)) for ext in self._layout]
+        if any(k is None or (k != keys[0]).any() for k in keys) or (np.diff(keys[0]) <= 0).any():
+            return False
+        self.keys = keys[0]
+        self._unchecked = {}
+        return True
+
+    def _headers(self, ext: str, rows: int | slice) -> np.ndarray | None:
+        """Check the headers of member `ext` in `rows` against the first sample's (read by
+        tarfile) and record their sizes; their keys, or None if one does not fit."""
+        head, data, end = self._layout[ext]
+        lo, hi = (rows, rows + 1) if isinstance(rows, int) else (rows.start, rows.stop)
+        header = data - _BLOCK  # the ustar block; [head, header) holds any pax records
+
+        def view(offset: int, width: int) -> np.ndarray:  # bytes at offset of rows lo..hi-1
+            start = offset + lo * self._stride
+            return np.lib.stride_tricks.as_strided(self._whole[start:], (hi - lo, width),
+                                                   (self._stride, 1), writeable=False)
+        h, h0 = view(header, _BLOCK), self._whole[header:header + _BLOCK]
+        if not (view(head, header - head) == self._whole[head:header]).all():
+            return None
+        d = self._digits
+        same = np.r_[d:124, 136:148, 156:_BLOCK]  # all but the key digits, size, checksum
+        if not (h[:, same] == h0[same]).all():
+            return None
+        stem = h[:, :d]
+        size, chk = _octal(h[:, 124:136], 11), _octal(h[:, 148:156], 6)
+        if not ((stem >= 48) & (stem <= 57)).all() or size is None or chk is None \
+                or (h[:, 155] != 32).any():
+            return None
+        if (h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64)
+                + 8 * 32 != chk).any():
+            return None
+        if (-(-size // _BLOCK) * _BLOCK != end - data).any():  # the next header follows
+            return None
+        self.sizes[ext][lo:hi] = size
+        return (stem.astype(np.int64) - 48) @ (10 ** np.arange(d - 1, -1, -1, dtype=np.int64))
+
+    def check(self, ext: str, lo: int, hi: int) -> bool:
+        """Check the headers of rows [lo, hi) of `ext` not checked yet; False if one does
+        not fit the layout (or holds another key than its row's)."""
+        todo = self._unchecked.get(ext)
+        if todo is None or not todo[lo:hi].any():
+            return True
+        keys = self._headers(ext, slice(lo, hi))
+        if keys is None or (keys != self.keys[lo:hi]).any():
+            return False
+        todo[lo:hi] = False
+        return True
 
     def locate(self, start: int, stop: int, ext: str) -> tuple[int, np.ndarray, np.ndarray]:
         """Row of sample `start`, and the offsets and sizes of `ext` for samples
-        start..stop-1 (all must be present)."""
+        start..stop-1 (all must be present), their headers checked."""
         p = int(np.searchsorted(self.keys, start))
         n = stop - start
         if p + n > len(self.keys) or self.keys[p] != start or self.keys[p + n - 1] != stop - 1:
@@ -124,10 +263,15 @@ class _MappedTar:
         if ext not in self.offsets or (self.offsets[ext][p:p + n] < 0).any():
             raise DamagedCacheError(f"{self.rel}: a sample in [{start}, {stop}) lacks its "
                                     f".{ext} member")
+        if not self.check(ext, p, p + n):
+            self._index_by_walk()  # the layout does not hold here: the walk decides
+            return self.locate(start, stop, ext)
         return p, self.offsets[ext][p:p + n], self.sizes[ext][p:p + n]
 
     def checksums(self) -> dict[str, list[int | None]]:
         """CRC32C of every member's bytes, per extension, in row order (None: absent)."""
+        if not all(self.check(ext, 0, len(self.keys)) for ext in self._unchecked):
+            self._index_by_walk()
         data = np.frombuffer(self.buf, np.uint8)
         return {ext: [None if o < 0 else google_crc32c.value(data[o:o + s])
                       for o, s in zip(self.offsets[ext].tolist(), self.sizes[ext].tolist())]
@@ -224,6 +368,50 @@ class WdsReader:
             yield from self._shard_pieces(name, start, end)
             start = end
 
+    def _rows(self, tar: _MappedTar, name: str) -> tuple[np.ndarray, int, int] | None:
+        """(view, member size, .npy header size): every row of field `name` in the tar as
+        one strided view of the mapped file, laid out as its first member, when all its
+        members sit at one stride (every tar this cache writes); None otherwise. Rows are
+        used only once their size and .npy header are found equal to the first's."""
+        ext = member_ext(name)
+        if ext in tar.views:
+            return tar.views[ext]
+        hit, f = None, self.spec.fields[name]
+        offs, sizes = tar.offsets.get(ext), tar.sizes.get(ext)
+        if offs is not None and len(offs) and (offs >= 0).all():
+            steps = np.unique(np.diff(offs))
+            if len(steps) <= 1:
+                step = int(steps[0]) if len(steps) else 0
+                data_off, dtype, shape = self._npy_layout(tar.buf, int(offs[0]), int(sizes[0]))
+                if shape != f.shape or dtype != np.dtype(f.dtype) or \
+                        data_off + f.nbytes > sizes[0]:
+                    raise DamagedCacheError(
+                        f"{tar.rel}: member {tar.keys[0]:09d}.{ext} holds {dtype}"
+                        f"{list(shape)}, expected {f.dtype}{list(f.shape)}")
+                view = np.ndarray((len(offs), *shape), dtype=dtype, buffer=tar.buf,
+                                  offset=int(offs[0]) + data_off,
+                                  strides=(step, *_row_strides(shape, dtype)))
+                hit = (view, int(sizes[0]), data_off)
+                tar.npy_unchecked[ext] = np.ones(len(offs), bool)
+        tar.views[ext] = hit
+        return hit
+
+    def _same_npy(self, tar: _MappedTar, ext: str, row: int, offs: np.ndarray,
+                  sizes: np.ndarray, size: int, data_off: int) -> bool:
+        """Whether the members at `offs` (rows from `row`) have the first member's size
+        and .npy header bytes (checked once per row)."""
+        todo = tar.npy_unchecked[ext][row:row + len(offs)]
+        if not todo.any():
+            return True
+        first = int(tar.offsets[ext][0])
+        heads = np.frombuffer(tar.buf, np.uint8)
+        ok = (sizes == size).all() and all(
+            (heads[o:o + data_off] == heads[first:first + data_off]).all()
+            for o in offs[todo].tolist())
+        if ok:
+            todo[:] = False
+        return ok
+
     def _shard_pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         if name == INDEX:
             yield np.arange(start, stop, dtype=np.int64)
@@ -236,19 +424,12 @@ class WdsReader:
             yield np.array([int(bytes(tar.buf[o:o + s])) for o, s in zip(offs, sizes)],
                            dtype=np.int64)
             return
-        data_off, dtype, shape = self._npy_layout(tar.buf, int(offs[0]), int(sizes[0]))
-        f = self.spec.fields[name]
-        if shape != f.shape or dtype != np.dtype(f.dtype) or data_off + f.nbytes > sizes[0]:
-            raise DamagedCacheError(f"{tar.rel}: member {start:09d}.{member_ext(name)} "
-                                    f"holds {dtype}{list(shape)}, expected "
-                                    f"{f.dtype}{list(f.shape)}")
-        row_strides = np.empty(shape, dtype).strides
-        stride = np.diff(offs)
-        if (sizes == sizes[0]).all() and (len(offs) == 1 or (stride == stride[0]).all()):
-            yield np.ndarray((len(offs), *shape), dtype=dtype, buffer=tar.buf,
-                             offset=int(offs[0]) + data_off,
-                             strides=(int(stride[0]) if len(stride) else 0, *row_strides))
+        regular = self._rows(tar, name)
+        if regular is not None and self._same_npy(tar, member_ext(name), row, offs, sizes,
+                                                  *regular[1:]):
+            yield regular[0][row:row + len(offs)]
             return
+        f = self.spec.fields[name]
         for o, s in zip(offs, sizes):  # irregular layout (a tar written by other tools)
             d, dt, sh = self._npy_layout(tar.buf, int(o), int(s))
             if sh != f.shape or dt != np.dtype(f.dtype) or d + f.nbytes > s:

@@ -166,7 +166,8 @@ class _MappedShard:
     """Read-only view of one uncompressed zarr shard file through mmap, with the CRC32C
     its done marker records for each inner chunk (None: reads are not checked)."""
 
-    def __init__(self, path: Path, rel: str, n_chunks: int, index_bytes: int, trailer: int,
+    def __init__(self, path: Path, rel: str, field: FieldSpec, chunk_size: int,
+                 n_chunks: int, index_bytes: int, trailer: int,
                  crcs: list[int | None] | None, checked: np.ndarray):
         try:
             with open(path, "rb") as f:
@@ -184,6 +185,33 @@ class _MappedShard:
             idx = np.frombuffer(self.buf, dtype="<u8", count=2 * n_chunks,
                                 offset=len(self.buf) - index_bytes)
             self.index = idx.reshape(n_chunks, 2)
+        self.field, self.chunk_size = field, chunk_size
+        self._index_list = self.index.tolist()
+        self._rows: list[np.ndarray | None] = [None] * n_chunks  # chunks checked and viewed
+
+    def rows(self, chunk: int) -> np.ndarray:
+        """The rows of inner chunk `chunk` (a view of the mapped file; zeros for a chunk
+        never written), its size and CRC32C checked the first time it is used."""
+        rows = self._rows[chunk]
+        if rows is not None:
+            return rows
+        offset, nbytes = self._index_list[chunk]
+        C, f = self.chunk_size, self.field
+        if offset == _EMPTY:
+            if self.crcs is not None and self.crcs[chunk] is not None:
+                raise DamagedCacheError(f"{self.rel}: inner chunk {chunk} is missing from "
+                                        "its shard index, but was written")
+            rows = np.zeros((C, *f.shape), f.dtype)
+        else:
+            if nbytes != C * f.nbytes + self.trailer:
+                raise DamagedCacheError(f"{self.rel}: inner chunk {chunk} holds {nbytes} "
+                                        f"bytes, expected {C * f.nbytes + self.trailer}")
+            self.check(chunk, offset, nbytes)
+            dtype = np.dtype(f.dtype)
+            rows = np.frombuffer(self.buf, dtype=dtype, count=C * f.nbytes // dtype.itemsize,
+                                 offset=offset).reshape(C, *f.shape)
+        self._rows[chunk] = rows
+        return rows
 
     def check(self, chunk: int, offset: int, nbytes: int) -> None:
         """Raise DamagedCacheError unless the chunk's bytes match their recorded CRC32C
@@ -269,8 +297,9 @@ class ZarrReader:
                     raise DamagedCacheError(f"{rel}: its done marker holds no valid chunk "
                                             "checksums; run `pipeline verify` on the cache")
             checked = self._checked.setdefault(key, np.zeros(n_chunks, dtype=bool))
-            m = _MappedShard(self.store.local_path(rel), rel, n_chunks, index_bytes,
-                             trailer, crcs, checked)
+            m = _MappedShard(self.store.local_path(rel), rel, self.spec.fields[name],
+                             self.spec.chunk_size, n_chunks, index_bytes, trailer, crcs,
+                             checked)
             self._mapped[key] = m
         return m
 
@@ -281,32 +310,13 @@ class ZarrReader:
         if self._fast[name] is None:
             yield self._zarr_read(name, start, stop)  # zarr checks the crc32c trailers
             return
-        f: FieldSpec = self.spec.fields[name]
         S, C = self.spec.shard_size, self.spec.chunk_size
-        dtype = np.dtype(f.dtype)
-        chunk_bytes = C * f.nbytes
         row = start
         while row < stop:
             shard, in_shard = divmod(row, S)
             first, in_chunk = divmod(in_shard, C)
-            rows_left = min(stop, (shard + 1) * S) - row  # stay inside this shard
-            mapped = self._shard(name, shard)
-            n = min(rows_left, C - in_chunk)
-            offset, nbytes = (int(v) for v in mapped.index[first])
-            if offset == _EMPTY:
-                if mapped.crcs is not None and mapped.crcs[first] is not None:
-                    raise DamagedCacheError(f"{mapped.rel}: inner chunk {first} is missing "
-                                            "from its shard index, but was written")
-                yield np.zeros((n, *f.shape), dtype)
-                row += n
-                continue
-            if nbytes != chunk_bytes + mapped.trailer:
-                raise DamagedCacheError(f"{mapped.rel}: inner chunk {first} holds {nbytes} "
-                                        f"bytes, expected {chunk_bytes + mapped.trailer}")
-            mapped.check(first, offset, nbytes)
-            data = np.frombuffer(mapped.buf, dtype=dtype, count=C * f.nbytes // dtype.itemsize,
-                                 offset=offset)
-            yield data.reshape(C, *f.shape)[in_chunk:in_chunk + n]
+            n = min(stop, (shard + 1) * S, row + C - in_chunk) - row  # in this chunk
+            yield self._shard(name, shard).rows(first)[in_chunk:in_chunk + n]
             row += n
 
     def _zarr_read(self, name: str, start: int, stop: int) -> np.ndarray:

@@ -122,3 +122,66 @@ def test_wds_irregular_member_layout_falls_back_per_sample(tmp_path, spec):
     np.testing.assert_array_equal(got["moments"], arrays["moments"].astype(np.float16))
     assert ds.keys([4, 5]) == ["k" * 400, "k" * 700]
     assert ds.verify().ok
+
+
+def _walked(path):
+    """A tar's index by the stdlib's member-by-member walk (the reference)."""
+    from cache.wds_backend import _walk_members
+    rows = _walk_members(path)
+    return rows, np.fromiter(rows, np.int64)
+
+
+def _by_stride(path, check_all=True):
+    """A tar's index from its fixed stride (None if _MappedTar fell back to the walk),
+    with every header checked when `check_all`."""
+    from cache.wds_backend import _MappedTar
+    tar = _MappedTar(path, path.name)
+    if not tar._unchecked and not hasattr(tar, "_layout"):
+        return None
+    if check_all and not all(tar.check(e, 0, len(tar.keys)) for e in list(tar._unchecked)):
+        return None
+    return tar.keys, tar.offsets, tar.sizes
+
+
+def test_wds_index_from_the_stride_equals_a_tar_walk(make_cache):
+    """Opening a tar reads two samples' headers with tarfile and checks the rest at their
+    predicted places: the index equals tarfile's walk, gaps of failed samples included."""
+    path, _ = make_cache(backends=("wds",), failures={17: "truncated", 18: "bad", 40: "x"})
+    tars = sorted((path / "wds").glob("shard-*.tar"))
+    for tar in tars:
+        fixed = _by_stride(tar)
+        assert fixed is not None, tar
+        keys, offsets, sizes = fixed
+        rows, walked = _walked(tar)
+        np.testing.assert_array_equal(keys, walked)
+        assert set(offsets) == {e for r in rows.values() for e in r}
+        for ext in offsets:
+            assert offsets[ext].tolist() == [r[ext][1] for r in rows.values()]
+            assert sizes[ext].tolist() == [r[ext][2] for r in rows.values()]
+    assert 17 not in _by_stride(tars[1])[0] and 19 in _by_stride(tars[1])[0]  # of 16
+
+
+def test_wds_index_falls_back_to_the_walk_unless_every_header_fits(make_cache, tmp_path):
+    """A header changed anywhere (its checksum, its name, another sample's layout) makes
+    the fixed-stride index refuse; the walk then decides, as before."""
+    import shutil
+    path, spec = make_cache(backends=("wds",))
+    tar = sorted((path / "wds").glob("shard-*.tar"))[0]
+    rows, _ = _walked(tar)
+    header = rows[5]["moments.npy"][1] - 512   # sample 5's moments ustar header
+    for pos, value in ((header + 3, ord("7")), (header + 148, ord("1")), (header + 300, 1)):
+        bad = tmp_path / f"bad-{pos}.tar"
+        shutil.copy(tar, bad)
+        with open(bad, "r+b") as f:
+            f.seek(pos)
+            old = f.read(1)[0]
+            f.seek(pos)
+            f.write(bytes([value if value != old else value + 1]))
+        assert _by_stride(bad) is None, pos
+    # a damaged header in a cache: the reader's walk reports it, nothing is misread
+    with open(tar, "r+b") as f:
+        f.seek(header + 148)
+        f.write(b"9")
+    ds = open_cache(path, verify_reads=False)
+    with pytest.raises(Exception, match="unreadable tar|checksum"):
+        ds.gather(np.arange(8), ["moments"])
