@@ -21,17 +21,20 @@ reproduce a multi-process run sample for sample. By default streams = world_size
 DataLoader workers only *fetch* windows: window w goes to worker w % num_workers and comes
 back in order, so the batches are a function of (seed, epoch, streams, rank, world size)
 alone, whatever the number of workers. A worker reads each block of its window as one run of
-rows and copies each row once into the window's (pinned) tensors. Resume state is
-(epoch, batches consumed): the plan is recomputed and the first window re-read.
+rows and copies each row once, straight into a shared window buffer the main process maps
+(cache/shm.py; page-locked for the GPU where CUDA is present), so nothing is copied on the
+way back. In process, windows are reused arrays of a pool. Resume state is (epoch, batches
+consumed): the plan is recomputed and the first window re-read.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,10 +44,12 @@ from .format import (ATTN, ATTN_SCALE, CLS, INDEX, LABEL, MOMENTS, SCALES, TOKEN
                      CacheError)
 from .quant import dequantize_tokens
 from .reader import CacheDataset, open_cache
+from .shm import SlotWriter, WindowSlots, aligned, slot_view
 
 # fields with a leading view axis
 _VIEW_FIELDS = (MOMENTS, TOKENS, TOKENS_SCALE, CLS, ATTN, ATTN_SCALE)
 _FIELDS = (MOMENTS, TOKENS, CLS, ATTN, LABEL, INDEX)  # what a loader may be asked for
+_SLOT = "__slot__"  # a worker's answer: where in its shared window buffer each field lies
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -133,6 +138,7 @@ def epoch_plan(valid_indices: np.ndarray, *, batch_size: int, block_size: int, w
 class _Task:
     indices: np.ndarray  # global indices in output order
     views: np.ndarray | None  # chosen view per sample (view="random" with 2 views)
+    slot: int | None = None  # the shared window buffer a worker gathers into (cache/shm.py)
 
 
 class _BufferPool:
@@ -162,12 +168,15 @@ class _BufferPool:
         del outside
         return free
 
+    def free(self, held: list[np.ndarray]) -> list[bool]:
+        """Which of `held` nothing outside the pool refers to (all False if unknown)."""
+        return [refs == self._free for refs in self._count(held)]
+
     def __call__(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         held = self.arrays.setdefault((shape, np.dtype(dtype).str), [])
-        if self._free is not None:
-            for a, refs in zip(held, self._count(held)):
-                if refs == self._free:
-                    return a
+        for a, free in zip(held, self.free(held)):
+            if free:
+                return a
         a = np.empty(shape, dtype)
         if len(held) < self.max_per_shape:
             held.append(a)
@@ -190,34 +199,74 @@ class _WindowFetcher(Dataset):
                                 if ATTN in missing else ""))
         fields += [SCALES[f] for f in fields if f in SCALES and SCALES[f] in ds.spec.fields]
         self.read_fields = [f for f in fields if f != INDEX]
+        self.random_views = ds.spec.views > 1 and cfg.view == "random"
+        quantized = {n for pair in SCALES.items() for n in pair} if cfg.dequantize else set()
+        # fields whose stored rows are the output rows (at most a size-1 view axis apart):
+        # in a worker they are gathered straight into the shared window buffer
+        self.in_place = [f for f in self.read_fields if f not in quantized and (
+            f not in _VIEW_FIELDS or cfg.view == "all" or ds.spec.views == 1)]
         self.pool = _BufferPool()
+        self.slots: WindowSlots | None = None  # set by CacheLoader when workers run
 
-    def __getitem__(self, task: _Task) -> dict[str, torch.Tensor]:
-        raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool)
+    def window_layout(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every tensor a window of n samples comes back as."""
+        specs = self.ds.spec.fields
+        out = {}
+        for name in self.read_fields:
+            shape = specs[name].shape
+            if name in _VIEW_FIELDS and self.cfg.view != "all":
+                shape = shape[1:]
+            out[name] = ((n, *shape), np.dtype(specs[name].dtype))
+        if INDEX in self.cfg.fields:
+            out[INDEX] = ((n,), np.dtype(np.int64))
+        if self.random_views:
+            out["view"] = ((n,), np.dtype(np.int64))
+        if self.cfg.dequantize:
+            for name, scale in SCALES.items():
+                if scale in out:
+                    out[name] = (out[name][0], np.dtype(np.float16))
+                    del out[scale]
+        return out
+
+    def __getitem__(self, task: _Task) -> dict[str, Any]:
+        writer = None
+        if task.slot is not None:
+            writer = SlotWriter(self.slots.worker_array(task.slot))
+            raw = self.ds.gather(task.indices, self.in_place, alloc=writer.alloc)
+            raw.update(self.ds.gather(task.indices, [f for f in self.read_fields
+                                                     if f not in raw], alloc=self.pool))
+        else:
+            raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool)
         out: dict[str, Any] = {}
         for name, a in raw.items():
             if name in _VIEW_FIELDS and self.cfg.view != "all":
                 a = a[:, 0] if task.views is None else a[np.arange(len(a)), task.views]
-            out[name] = torch.from_numpy(np.ascontiguousarray(a))
+            out[name] = a
         if INDEX in self.cfg.fields:
-            out[INDEX] = torch.from_numpy(task.indices.copy())
+            out[INDEX] = task.indices.copy()
         if task.views is not None:
-            out["view"] = torch.from_numpy(task.views.astype(np.int64))
+            out["view"] = task.views.astype(np.int64)
         if self.cfg.dequantize:
             for name, scale in SCALES.items():
                 if scale in out:
-                    out[name] = dequantize_tokens(out[name], out.pop(scale))
-        return out
+                    out[name] = dequantize_tokens(out[name], out.pop(scale)).numpy()
+        if writer is None:
+            return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in out.items()}
+        for name, a in out.items():
+            writer.put(name, a)
+        return {_SLOT: task.slot, "fields": writer.fields}
 
 
 class _TaskSampler:
-    """Yields the current epoch's remaining window tasks; read anew at each iter()."""
+    """Yields the current epoch's remaining window tasks; read anew at each iter().
+    `assign` gives each task its shared window buffer as the DataLoader sends it out."""
 
-    def __init__(self):
+    def __init__(self, assign: Callable[[_Task], _Task] | None = None):
         self.tasks: list[_Task] = []
+        self.assign = assign
 
     def __iter__(self):
-        return iter(self.tasks)
+        return iter(self.tasks) if self.assign is None else map(self.assign, self.tasks)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -249,13 +298,24 @@ class CacheLoader:
                              f"size {self.cfg.batch_size}")
         self.own = range(rank * per_rank, (rank + 1) * per_rank)  # this rank's streams
         self.epoch, self.batch_in_epoch = 0, 0
-        self._sampler = _TaskSampler()
         self._fetcher = _WindowFetcher(self.ds, self.cfg)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         workers = self.cfg.num_workers
+        self._slots, self._in_flight, self._pinned = None, set(), set()
+        if workers:
+            # every window in flight, the one being consumed and one the consumer holds
+            layout = self._fetcher.window_layout(self.cfg.shuffle_buffer)
+            self._slots = WindowSlots(
+                workers * self.cfg.prefetch_factor + 3,
+                sum(aligned(math.prod(shape) * dt.itemsize) for shape, dt in layout.values()))
+            self._fetcher.slots = self._slots
+            self._refs = _BufferPool()
+        # workers: batches come from the slots, which are page-locked in place (below)
+        self._pin_slots = self._pin_workers = pin and workers > 0
+        self._sampler = _TaskSampler(self._assign_slot if workers else None)
         self._dl = DataLoader(
             self._fetcher, batch_size=None, sampler=self._sampler, num_workers=workers,
-            pin_memory=pin, collate_fn=_identity,
+            pin_memory=pin and not workers, collate_fn=_identity,
             # its own generator: iter() must not draw from the global torch RNG, or a
             # resumed run's random stream (noise, t, label drop) would drift
             generator=torch.Generator().manual_seed(self.cfg.seed),
@@ -266,6 +326,35 @@ class CacheLoader:
             raise ValueError(
                 f"{self.ds.root}: {self.ds.num_valid} valid samples give no full batch of "
                 f"{self.cfg.batch_size} per rank on {world_size} rank(s)")
+
+    def _assign_slot(self, task: _Task) -> _Task:
+        """The task with a free shared window buffer: none in flight, no batch cut from
+        it still referenced. If every one is held (a consumer keeping many batches), the
+        worker returns its own tensors instead, as torch's workers do."""
+        arrays = self._slots.arrays
+        for k, free in enumerate(self._refs.free(arrays)):
+            if free and k not in self._in_flight:
+                if self._pin_slots and k not in self._pinned:
+                    self._pin_slot(k)
+                self._in_flight.add(k)
+                return dataclasses.replace(task, slot=k)
+        return task
+
+    def _pin_slot(self, k: int) -> None:
+        """Page-lock slot k for asynchronous copies to the GPU (cudaHostRegister of the
+        shared mapping); if CUDA refuses, windows are copied to pinned memory instead."""
+        a = self._slots.arrays[k]
+        if int(torch.cuda.cudart().cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
+            self._pinned.add(k)
+        else:
+            self._pin_slots = False
+
+    def _from_slot(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A worker's window, as tensors over this process's mapping of its slot."""
+        k = item[_SLOT]
+        self._in_flight.discard(k)
+        return {name: torch.from_numpy(slot_view(self._slots.arrays[k], *where))
+                for name, where in item["fields"].items()}
 
     @property
     def stream_batch(self) -> int:
@@ -307,6 +396,9 @@ class CacheLoader:
         epoch = self.epoch
         first, skip = divmod(self.batch_in_epoch, M)
         self._sampler.tasks = self._tasks(epoch, first)
+        # a new iter() finishes every task of an earlier one before it sends new ones
+        # (persistent workers): no slot is in flight any more
+        self._in_flight.clear()
         items = iter(self._dl)
         while True:
             try:
@@ -315,6 +407,12 @@ class CacheLoader:
                 break
             except CacheError as e:  # raised in a worker: keep its one-line message
                 raise type(e)(_worker_message(e)) from None
+            pinned = False
+            if _SLOT in item:
+                pinned = item[_SLOT] in self._pinned
+                item = self._from_slot(item)
+            if self._pin_workers and not pinned:
+                item = {k: v.pin_memory() for k, v in item.items()}
             n = len(next(iter(item.values()))) // B
             for m in range(skip, n):
                 self.batch_in_epoch += 1

@@ -174,8 +174,11 @@ def test_loader_on_partial_cache(make_cache):
     assert len(list(CacheLoader(ds, cfg()))) == 70 // 4
 
 
-def test_held_batches_are_never_overwritten_by_recycled_buffers(cache_path, spec):
-    loader = CacheLoader(cache_path, cfg())
+@pytest.mark.parametrize("workers", [0, 2])
+def test_held_batches_are_never_overwritten_by_recycled_buffers(cache_path, spec, workers):
+    """In process the pool, with workers the shared window buffers: a batch still held is
+    never written again, also when the consumer holds more windows than there are slots."""
+    loader = CacheLoader(cache_path, cfg(num_workers=workers))
     held = list(loader) + list(loader)  # two epochs of batches kept alive at once
     for batch in held:
         for row, i in enumerate(batch["index"].tolist()):
@@ -192,6 +195,86 @@ def test_released_buffers_are_recycled(cache_path):
     # windows of 8 samples (+ one shorter last window): at most two arrays per shape
     assert all(len(held) <= 2 for held in pool.arrays.values()), \
         {k: len(v) for k, v in pool.arrays.items()}
+
+
+def _slot_of(loader, tensor):
+    """The shared window buffer a tensor lies in, or None."""
+    ptr = tensor.data_ptr()
+    for k, a in enumerate(loader._slots.arrays):
+        if a.ctypes.data <= ptr < a.ctypes.data + a.nbytes:
+            return k
+    return None
+
+
+def test_workers_gather_into_shared_buffers_that_are_reused(cache_path, spec):
+    """With workers, batches are views of the main process's mapping of the shared
+    window buffers (no copy on the way back); a consumer that lets each batch go reuses
+    a few of them, and every batch still holds the right samples."""
+    loader = CacheLoader(cache_path, cfg(num_workers=2, prefetch_factor=1))
+    used = set()
+    for _ in range(3):
+        for batch in loader:
+            slots = {_slot_of(loader, batch[f]) for f in ("moments", "tokens", "index")}
+            assert len(slots) == 1 and None not in slots, slots
+            used |= slots
+            for row, i in enumerate(batch["index"].tolist()):
+                want = expected(spec, i)
+                np.testing.assert_array_equal(batch["moments"][row].numpy(), want["moments"][0])
+                np.testing.assert_array_equal(batch["tokens"][row].numpy(),
+                                              want["tokens"][0].astype(np.float16))
+            del batch
+    # 2 in flight (workers x prefetch), the window being read, one the consumer held
+    assert len(used) <= 4 < loader._slots.count + 1, used
+
+
+@pytest.mark.parametrize("overrides, config", [
+    (dict(token_dtype="int8", views=2), dict(seed=3)),                    # dequantized
+    (dict(token_dtype="int8", views=2), dict(dequantize=False, view="all")),
+    (dict(views=2), dict(view="first")),
+    (dict(attn_blocks=(0, 1), attn_heads=2, attn_head_dim=4, attn_dtype="int8"),
+     dict(fields=("moments", "tokens", "attn_qk", "label", "index"))),
+])
+def test_workers_equal_in_process_for_every_layout(make_cache, overrides, config):
+    """Fields gathered in place and fields computed in the worker (dequantized, one view
+    of two) come back from the shared buffers equal to the in-process loader's."""
+    path, _ = make_cache(**overrides)
+    a = list(CacheLoader(path, cfg(**config)))
+    loader = CacheLoader(path, cfg(num_workers=2, **config))
+    b = []
+    for batch in loader:
+        assert _slot_of(loader, batch["index"]) is not None or len(b) >= 8
+        b.append({k: v.clone() for k, v in batch.items()})
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+
+
+def test_shared_buffers_are_removed_with_the_loader(cache_path, tmp_path, monkeypatch):
+    """The buffer files go when the loader goes; a directory left by a killed process
+    goes when the next loader starts; too little shared memory is one clear error."""
+    import gc
+    import subprocess
+    import sys
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setenv("UREPA_SHM_DIR", str(shm))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (shm / f"urepa-loader-{dead}-0000").mkdir()
+    loader = CacheLoader(cache_path, cfg(num_workers=1))
+    assert next(iter(loader))["index"].shape == (4,)
+    slot_dir = loader._slots.dir
+    assert [p.name for p in shm.iterdir()] == [slot_dir.name]  # the orphan is gone
+    del loader
+    gc.collect()
+    assert not slot_dir.exists()
+    import cache.shm
+    monkeypatch.setattr(cache.shm.shutil, "disk_usage",
+                        lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(MemoryError, match="need .* MiB of shared memory .* --shm-size"):
+        CacheLoader(cache_path, cfg(num_workers=2, shuffle_buffer=4096))
 
 
 def test_streams_make_the_global_batch_independent_of_the_rank_count(make_cache):
