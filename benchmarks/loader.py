@@ -1,36 +1,49 @@
-"""Training-loader throughput against a raw memory-mapped gather of the same bytes.
+"""Training-loader throughput against the machine's limits and a peer reader.
 
-    python benchmarks/loader.py [--samples 2048] [--dir /tmp/urepa-bench] [--workers 0]
-                                [--via-url] [--attn 4] [--backends zarr,wds]
+    python benchmarks/loader.py [--samples 2048] [--workers 2] [--repeats 5]
+                                [--modes warm,workers,cold] [--backends zarr,wds]
+                                [--peers safetensors] [--json out.json]
+                                [--checks] [--via-url] [--attn L] [--dir /tmp/urepa-bench]
 
-Builds (once) a synthetic cache with real 256 px shapes: moments fp16 [1, 8, 32, 32],
-DINOv2-B tokens fp16 [1, 256, 768], cls fp16 [1, 768], in both backends, plus one raw
-.npy file per field. Then, in one process, times the CacheLoader (batch 256, block
-shuffle + shuffle buffer) and a raw `np.load(mmap_mode="r")[idx]` gather of exactly the
-same batches (same indices, fields and bytes), alternating the two, page cache warm.
-Prints samples/s, GB/s and loader/raw per backend, and what the read checks cost (the
-loader that checks each chunk/member against its CRC32C the first time it reads it, the
-default, against the same loader with `verify=False`), on a first pass and warm. --via-url also times the loader on
-the same cache opened as a file:// URL, i.e. through fsspec like a remote store (zarr's
-ranged reads, wds tars fetched whole), against the local path.
+Builds (once) a synthetic cache with real 256 px shapes (moments fp16 [1, 8, 32, 32],
+DINOv2-B tokens fp16 [1, 256, 768], cls fp16 [1, 768], label: 411 KB per sample) in both
+backends, and the same values as one safetensors file per shard for the peer. Then times
+one epoch of batches of 256 (block shuffle + shuffle buffer) in three modes:
 
---attn L adds HASTE's attention field for L teacher blocks of DINOv2-B (attn_qk fp16
-[1, L, 2, 12, 256, 64]: 3 MiB per sample at L = 4) to the cache, the raw files and the
-fields read, and prints the bytes of one training step at --batch-size before tau (moments,
-tokens, attn_qk, label) and after it (moments, label: the loader HASTE switches to), with
-that loader's throughput. Mind the disk and page cache: 3.4 MB per sample per copy.
+- warm: page cache warm, in the loading process (`--workers 0`);
+- workers: page cache warm, through `--workers` DataLoader worker processes;
+- cold: the files dropped from the page cache (posix_fadvise DONTNEED: no root needed)
+  and a fresh reader's first epoch, in process.
+
+Limits, measured in the same run: warm modes against a plain memcpy of the same bytes per
+batch into a reused buffer (what any loader must at least do), taking turns with the
+readers; cold against a sequential read of the same files after dropping them (what the
+disk gives a `cat`). The peer ("safetensors") reads each sample from its shard with
+safetensors' safe_open (LightningDiT-style latents) and batches with DataLoader's default
+collate. Every figure is the median of --repeats runs, with the spread (min-max).
+
+--checks adds what the read checks cost (a fresh loader's epoch, each chunk/member checked
+against its CRC32C the first time: the default, against `verify=False`). --via-url adds
+the loader on the cache opened as a file:// URL (fsspec, like a remote store). --attn L
+adds HASTE's attention field for L DINOv2-B blocks (3 MiB per sample at L = 4) to what is
+read, and prints the bytes of one step before and after tau.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,30 +52,76 @@ from cache.synthetic import write_synthetic_cache  # noqa: E402
 
 FIELDS = ("moments", "tokens", "cls", "label")
 AFTER_TAU = ("moments", "label")   # what HASTE reads once its alignment has ended
+Run = Callable[[], tuple[float, int]]  # -> (seconds, samples)
 
 
 def build(root: Path, n: int, shard_size: int, attn: int = 0,
-          backends: tuple[str, ...] = ("zarr", "wds")) -> tuple[Path, Path]:
+          backends: tuple[str, ...] = ("zarr", "wds")) -> Path:
     extra = dict(attn_blocks=tuple(range(8, 8 + attn)), attn_heads=12, attn_head_dim=64) \
         if attn else {}
     spec = CacheSpec(num_samples=n, shard_size=shard_size, chunk_size=8, backends=backends,
                      **extra)
     tag = f"-attn{attn}" if attn else ""
-    cache, raw = root / f"cache-{n}{tag}-{'+'.join(backends)}", root / f"raw-{n}{tag}"
+    cache = root / f"cache-{n}{tag}-{'+'.join(backends)}"
     if not (cache / "manifest.json").exists() or \
             open_cache(cache, allow_partial=True).manifest.get("status") != "complete":
         t = time.perf_counter()
         write_synthetic_cache(cache, spec)
         print(f"built cache of {n} samples in {time.perf_counter() - t:.1f} s")
-    if not (raw / "tokens.npy").exists():
-        raw.mkdir(parents=True, exist_ok=True)
-        ds = open_cache(cache)
-        for f in FIELDS + (("attn_qk",) if attn else ()):  # the cache's stored values
-            np.save(raw / f"{f}.npy", ds.gather(np.arange(n), [f])[f])
-    return cache, raw
+    return cache
 
 
-def time_loader(loader: CacheLoader) -> tuple[float, int]:
+def cache_files(cache: Path, backend: str, fields: tuple[str, ...]) -> list[Path]:
+    """The files a loader of `fields` reads: zarr shard objects of those fields, or tars."""
+    if backend == "wds":
+        return sorted((cache / "wds").glob("*.tar"))
+    return sorted(p for f in fields for p in (cache / "zarr" / f / "c").rglob("*")
+                  if p.is_file())
+
+
+def drop_from_page_cache(files: list[Path]) -> None:
+    """Evict the files' pages (clean pages go at once; fsync first writes back dirty ones).
+    Pages still mapped by a reader stay: collect dropped readers first."""
+    gc.collect()
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read(files: list[Path], samples: int) -> Run:
+    """Read the (dropped) files front to back in 8 MiB requests: the disk's speed."""
+    def run() -> tuple[float, int]:
+        drop_from_page_cache(files)
+        buf = bytearray(8 << 20)
+        t = time.perf_counter()
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        return time.perf_counter() - t, samples
+    return run
+
+
+def memcpy(batch_bytes: int, batches: int, batch_size: int) -> Run:
+    src = np.ones(batch_bytes, np.uint8)
+    dst = np.empty_like(src)
+
+    def run() -> tuple[float, int]:
+        t = time.perf_counter()
+        for _ in range(batches):
+            np.copyto(dst, src)
+        return time.perf_counter() - t, batches * batch_size
+    return run
+
+
+def epoch(loader) -> tuple[float, int]:
+    """One epoch of `loader` (ours: epoch 0 again, the same batches every time)."""
+    if isinstance(loader, CacheLoader):
+        loader.set_epoch(0)
     t = time.perf_counter()
     n = 0
     for batch in loader:
@@ -70,30 +129,81 @@ def time_loader(loader: CacheLoader) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
-def epoch(loader: CacheLoader) -> tuple[float, int]:
-    """time_loader over epoch 0 again."""
-    loader.set_epoch(0)
-    return time_loader(loader)
+# ------------------------------------------------------------------- the peer reader
+def write_safetensors(cache: Path, out: Path, fields: tuple[str, ...]) -> list[Path]:
+    """The cache's values as one safetensors file per shard (tensors named by field)."""
+    from safetensors.numpy import save_file
+    ds = open_cache(cache)
+    files = []
+    for k in range(ds.spec.num_shards):
+        path = out / f"shard-{k:06d}.safetensors"
+        if not path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            data = ds.gather(np.arange(*ds.spec.shard_range(k)), list(fields))
+            save_file({f: np.ascontiguousarray(a) for f, a in data.items()},
+                      str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        files.append(path)
+    return files
 
 
-def alternating(repeats: int, **runs) -> dict[str, float]:
-    """Median samples/s of each run (a function returning (seconds, samples)), the runs
-    taking turns `repeats` times."""
+class SafetensorsSamples(torch.utils.data.Dataset):
+    """Per-sample reads from safetensors shards, as latent-caching trainers do; the
+    files are opened once per process."""
+
+    def __init__(self, files: list[Path], shard_size: int, fields: tuple[str, ...]):
+        self.files, self.shard_size, self.fields = files, shard_size, fields
+        self._open: dict[int, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return len(self.files) * self.shard_size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        shard, row = divmod(int(i), self.shard_size)
+        f = self._open.get(shard)
+        if f is None:
+            f = self._open[shard] = safe_open(str(self.files[shard]), framework="pt")
+        return {name: f.get_slice(name)[row] for name in self.fields}
+
+
+def peer_loader(files: list[Path], shard_size: int, fields: tuple[str, ...],
+                order: np.ndarray, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(
+        SafetensorsSamples(files, shard_size, fields), batch_size=batch_size,
+        sampler=order.tolist(), num_workers=workers, persistent_workers=workers > 0,
+        multiprocessing_context="forkserver" if workers else None)
+
+
+# ------------------------------------------------------------------- measuring
+def taking_turns(repeats: int, runs: dict[str, Run]) -> dict[str, list[float]]:
+    """samples/s of each run, the runs taking turns `repeats` times."""
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for k, run in runs.items():
             dt, n = run()
             rates[k].append(n / dt)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return rates
 
 
-def time_raw(arrays: dict, batches: list[np.ndarray]) -> tuple[float, int]:
-    t = time.perf_counter()
-    n = 0
-    for idx in batches:
-        out = {f: a[idx] for f, a in arrays.items()}  # one gather per field, like a loader
-        n += len(out["label"])
-    return time.perf_counter() - t, n
+def row(reader: str, mode: str, rates: list[float], limit: float, bytes_per_sample: int
+        ) -> dict:
+    med = statistics.median(rates)
+    return {"reader": reader, "mode": mode, "samples_per_s": round(med),
+            "min": round(min(rates)), "max": round(max(rates)),
+            "GB_per_s": round(med * bytes_per_sample / 1e9, 2),
+            "vs_limit": round(med / limit, 2)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'reader':22s} {'mode':8s} {'samples/s':>9s} {'spread':>15s} {'GB/s':>6s} "
+          f"{'x limit':>7s}")
+    for r in rows:
+        print(f"{r['reader']:22s} {r['mode']:8s} {r['samples_per_s']:9,d} "
+              f"{r['min']:7,d}-{r['max']:<7,d} {r['GB_per_s']:6.2f} {r['vs_limit']:6.2f}x")
 
 
 def main() -> int:
@@ -104,91 +214,114 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--shuffle-buffer", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers in 'workers'")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="warm,workers,cold")
+    p.add_argument("--backends", default="zarr,wds", help="zarr, wds or zarr,wds")
+    p.add_argument("--peers", default="safetensors", help="safetensors, or '' for none")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--checks", action="store_true", help="what the read checks cost")
     p.add_argument("--via-url", action="store_true",
                    help="also read the cache through fsspec (file:// URL)")
     p.add_argument("--attn", type=int, default=0, metavar="L",
                    help="add HASTE's attn_qk field for L DINOv2-B blocks (4: 3 MiB/sample)")
-    p.add_argument("--backends", default="zarr,wds", help="zarr, wds or zarr,wds")
     args = p.parse_args()
 
     backends = tuple(args.backends.split(","))
+    modes = set(args.modes.split(","))
     fields = FIELDS + (("attn_qk",) if args.attn else ())
-    cache, raw_dir = build(args.dir, args.samples, args.shard_size, args.attn, backends)
-    raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in fields}
-    bytes_per_sample = sum(a[0].nbytes for a in raw.values())
-    print(f"machine: {platform.node()} {platform.machine()}, python {platform.python_version()}"
-          f"; {args.samples} samples x {bytes_per_sample} B, batch {args.batch_size}, "
-          f"workers {args.workers}; {time.strftime('%Y-%m-%d')}")
+    cache = build(args.dir, args.samples, args.shard_size, args.attn, backends)
+    spec = open_cache(cache).spec
+    per_sample = sum(spec.fields[f].nbytes for f in fields)
+    B = args.batch_size
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; "
+          f"{args.samples} samples x {per_sample:,} B, batch {B}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     if args.attn:
-        step = {name: sum(raw[f][0].nbytes for f in names) * args.batch_size
-                for name, names in (("before tau", ("moments", "tokens", "attn_qk", "label")),
-                                    ("after tau", AFTER_TAU))}
-        print(f"bytes per training step (batch {args.batch_size}): before tau "
-              f"{step['before tau'] / 2**20:,.1f} MiB (moments, tokens, attn_qk, label), "
-              f"after tau {step['after tau'] / 2**20:,.2f} MiB (moments, label): "
-              f"{step['before tau'] / step['after tau']:.0f}x fewer")
-    results = {}
-    for backend in backends:
-        cfg = LoaderConfig(batch_size=args.batch_size, fields=fields, block_size=args.block_size,
-                           shuffle_buffer=args.shuffle_buffer, num_workers=args.workers,
-                           backend=backend, pin_memory=False)
-        loader = CacheLoader(cache, cfg)
-        # the raw baseline gathers exactly the loader's batches
-        batches = [b["index"].numpy() for b in CacheLoader(
-            cache, LoaderConfig(**{**cfg.__dict__, "fields": ("index",)}))]
-        # first pass: fresh mappings and buffers on both sides (page cache already warm)
-        fresh_raw = {f: np.load(raw_dir / f"{f}.npy", mmap_mode="r") for f in fields}
-        dt_l, n_l = time_loader(loader)
-        dt_r, n_r = time_raw(fresh_raw, batches)
-        print(f"{backend:5s} first pass: loader {n_l / dt_l:8.0f} samples/s | raw "
-              f"{n_r / dt_r:8.0f} samples/s | ratio {(n_l / dt_l) / (n_r / dt_r):.2f}x")
-        # the read checks: each chunk/member is checked the first time a reader uses it,
-        # so they cost on a fresh loader's epoch (new mappings and buffers on both sides,
-        # alternating) and not after
-        fresh: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(args.repeats):
-            for verify in (True, False):
-                dt, n = time_loader(CacheLoader(cache, LoaderConfig(
-                    **{**cfg.__dict__, "verify": verify})))
-                fresh[verify].append(n / dt)
-        fc, fu = statistics.median(fresh[True]), statistics.median(fresh[False])
-        print(f"{backend:5s} fresh loader, read checks: checked {fc:8.0f} vs unchecked "
-              f"(verify=False) {fu:8.0f} samples/s | ratio {fc / fu:.2f}x")
-        unchecked = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "verify": False}))
-        time_loader(unchecked)  # its first pass, as the checked loader's above
-        warm = alternating(args.repeats, loader=lambda: epoch(loader),
-                           raw=lambda: time_raw(raw, batches),
-                           unchecked=lambda: epoch(unchecked))
-        lo, ra, un = warm["loader"], warm["raw"], warm["unchecked"]
-        results[backend] = lo / ra
-        print(f"{backend:5s} warm: loader {lo:8.0f} samples/s {lo * bytes_per_sample / 1e9:6.2f} GB/s | "
-              f"raw mmap gather {ra:8.0f} samples/s {ra * bytes_per_sample / 1e9:6.2f} GB/s | "
-              f"ratio {lo / ra:.2f}x")
-        print(f"{backend:5s} warm read checks: checked {lo:8.0f} vs unchecked "
-              f"{un:8.0f} samples/s | ratio {lo / un:.2f}x")
-        if args.attn:   # the loader HASTE switches to at tau, against its own raw gather
-            after = CacheLoader(cache, LoaderConfig(**{**cfg.__dict__, "fields": AFTER_TAU}))
-            raw_after = {f: raw[f] for f in AFTER_TAU}
-            tau = alternating(args.repeats, loader=lambda: epoch(after),
-                              raw=lambda: time_raw(raw_after, batches))
-            a, ra2 = tau["loader"], tau["raw"]
-            print(f"{backend:5s} after tau (moments, label): loader {a:8.0f} samples/s | raw "
-                  f"{ra2:8.0f} samples/s | ratio {a / ra2:.2f}x; {a / lo:.1f}x the samples/s "
-                  "before tau")
+        step = {name: sum(spec.fields[f].nbytes for f in names) * B
+                for name, names in (("before", ("moments", "tokens", "attn_qk", "label")),
+                                    ("after", AFTER_TAU))}
+        print(f"bytes per training step (batch {B}): before tau {step['before'] / 2**20:,.1f}"
+              f" MiB, after tau {step['after'] / 2**20:,.2f} MiB: "
+              f"{step['before'] / step['after']:.0f}x fewer")
+
+    def cfg(backend: str, **kw) -> LoaderConfig:
+        return LoaderConfig(**{**dict(batch_size=B, fields=fields, block_size=args.block_size,
+                                      shuffle_buffer=args.shuffle_buffer, backend=backend,
+                                      pin_memory=False), **kw})
+
+    ours = {f"ours, {b}": b for b in backends}
+    order = np.concatenate([b["index"].numpy() for b in CacheLoader(
+        cache, cfg(backends[0], fields=("index",)))])
+    batches = len(order) // B
+    peers = [x for x in args.peers.split(",") if x]
+    st_files = write_safetensors(cache, args.dir / f"safetensors-{args.samples}-{args.attn}",
+                                 fields) if peers else []
+
+    def reader(name: str, workers: int):
+        if name in ours:
+            return CacheLoader(cache, cfg(ours[name], num_workers=workers))
+        return peer_loader(st_files, spec.shard_size, fields, order, B, workers)
+    names = list(ours) + (["safetensors (peer)"] if peers else [])
+    rows = []
+    for mode, workers in (("warm", 0), ("workers", args.workers)):
+        if mode not in modes:
+            continue
+        loaders = {n: reader(n, workers) for n in names}
+        for ld in loaders.values():
+            epoch(ld)  # opens files, starts workers, fills buffers
+        rates = taking_turns(args.repeats, {"memcpy": memcpy(B * per_sample, batches, B),
+                                            **{n: (lambda ld=ld: epoch(ld))
+                                               for n, ld in loaders.items()}})
+        limit = statistics.median(rates["memcpy"])
+        rows += [row(n, mode, r, limit, per_sample) for n, r in rates.items()]
+        del loaders
+    if "cold" in modes:
+        files = {n: (cache_files(cache, ours[n], fields) if n in ours else st_files)
+                 for n in names}
+
+        def cold(n: str) -> Run:
+            def run() -> tuple[float, int]:
+                drop_from_page_cache(files[n])
+                return epoch(reader(n, 0))
+            return run
+        disk = {f"disk read ({n})": sequential_read(files[n], args.samples) for n in ours}
+        rates = taking_turns(args.repeats, {**disk, **{n: cold(n) for n in names}})
+        limit = statistics.median(rates[next(iter(disk))])
+        rows += [row(n, "cold", r, limit, per_sample) for n, r in rates.items()]
+    print("limits: warm modes against memcpy of the same bytes; cold against a sequential "
+          f"read of {next(iter(disk)) if 'cold' in modes else 'the files'}")
+    print_table(rows)
+
+    for name, backend in ours.items():
+        if args.checks:
+            rates = taking_turns(args.repeats, {
+                "checked": lambda: epoch(CacheLoader(cache, cfg(backend))),
+                "unchecked": lambda: epoch(CacheLoader(cache, cfg(backend, verify=False)))})
+            c, u = (statistics.median(rates[k]) for k in ("checked", "unchecked"))
+            print(f"{name}: a fresh loader's epoch, read checks on {c:,.0f} vs verify=False "
+                  f"{u:,.0f} samples/s: {c / u:.2f}x")
+        if args.attn:
+            after = CacheLoader(cache, cfg(backend, fields=AFTER_TAU))
+            epoch(after)
+            a = statistics.median(taking_turns(args.repeats, {"a": lambda: epoch(after)})["a"])
+            print(f"{name}: after tau (moments, label) {a:,.0f} samples/s")
         if args.via_url:
-            url_loader = CacheLoader(f"file://{cache.absolute()}", cfg)
-            t_url = []
-            for _ in range(args.repeats):
-                url_loader.set_epoch(0)
-                dt, n = time_loader(url_loader)
-                t_url.append(n / dt)
-            u = statistics.median(t_url)
-            print(f"{backend:5s} via file:// URL (fsspec): {u:8.0f} samples/s "
-                  f"{u * bytes_per_sample / 1e9:6.2f} GB/s | vs local path {u / lo:.2f}x")
-    print("goal: >= 0.8x raw in one process: " +
-          ", ".join(f"{b} {'met' if r >= 0.8 else 'NOT met'}" for b, r in results.items()))
+            url = CacheLoader(f"file://{cache.absolute()}", cfg(backend))
+            local = CacheLoader(cache, cfg(backend))
+            epoch(url), epoch(local)
+            rates = taking_turns(args.repeats, {"url": lambda: epoch(url),
+                                                "local": lambda: epoch(local)})
+            u, lo = (statistics.median(rates[k]) for k in ("url", "local"))
+            print(f"{name}: via file:// URL (fsspec) {u:,.0f} samples/s, {u / lo:.2f}x the "
+                  "local path")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": platform.node(), "cores": os.cpu_count(), "date": time.strftime("%F"),
+            "numpy": np.__version__, "torch": torch.__version__, "samples": args.samples,
+            "bytes_per_sample": per_sample, "batch_size": B, "workers": args.workers,
+            "rows": rows}, indent=1))
     return 0
 
 
