@@ -302,6 +302,7 @@ class CacheLoader:
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         workers = self.cfg.num_workers
         self._slots, self._in_flight, self._pinned = None, set(), set()
+        self._copying: dict[int, Any] = {}  # pinned slot -> CUDA event after its copies
         if workers:
             # every window in flight, the one being consumed and one the consumer holds
             layout = self._fetcher.window_layout(self.cfg.shuffle_buffer)
@@ -310,8 +311,9 @@ class CacheLoader:
                 sum(aligned(math.prod(shape) * dt.itemsize) for shape, dt in layout.values()))
             self._fetcher.slots = self._slots
             self._refs = _BufferPool()
-        # workers: batches come from the slots, which are page-locked in place (below)
-        self._pin_slots = self._pin_workers = pin and workers > 0
+        # with workers, batches come from the slots, page-locked in place where CUDA is
+        # (DataLoader's own pinning would copy every window once more)
+        self._pin_slots = self._pin_workers = pin and workers > 0 and torch.cuda.is_available()
         self._sampler = _TaskSampler(self._assign_slot if workers else None)
         self._dl = DataLoader(
             self._fetcher, batch_size=None, sampler=self._sampler, num_workers=workers,
@@ -329,30 +331,50 @@ class CacheLoader:
 
     def _assign_slot(self, task: _Task) -> _Task:
         """The task with a free shared window buffer: none in flight, no batch cut from
-        it still referenced. If every one is held (a consumer keeping many batches), the
-        worker returns its own tensors instead, as torch's workers do."""
-        arrays = self._slots.arrays
-        for k, free in enumerate(self._refs.free(arrays)):
-            if free and k not in self._in_flight:
-                if self._pin_slots and k not in self._pinned:
-                    self._pin_slot(k)
-                self._in_flight.add(k)
-                return dataclasses.replace(task, slot=k)
-        return task
+        it still referenced (and, page-locked, no copy to the GPU from it still queued).
+        If every one is held (a consumer keeping many batches), the worker returns its
+        own tensors instead, as torch's workers do."""
+        free = [k for k, ok in enumerate(self._refs.free(self._slots.arrays))
+                if ok and k not in self._in_flight]
+        k = self._copied(free)
+        if k is None:
+            return task
+        self._slots.reserve(k)
+        self._copying.pop(k, None)
+        if self._pin_slots and k not in self._pinned:
+            if self._slots.pin(k):
+                self._pinned.add(k)
+            else:  # CUDA refuses: windows are copied to pinned memory instead
+                self._pin_slots = False
+        self._in_flight.add(k)
+        return dataclasses.replace(task, slot=k)
 
-    def _pin_slot(self, k: int) -> None:
-        """Page-lock slot k for asynchronous copies to the GPU (cudaHostRegister of the
-        shared mapping); if CUDA refuses, windows are copied to pinned memory instead."""
-        a = self._slots.arrays[k]
-        if int(torch.cuda.cudart().cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
-            self._pinned.add(k)
-        else:
-            self._pin_slots = False
+    def _copied(self, free: list[int]) -> int | None:
+        """A slot of `free` whose batches' copies to the GPU are done. A consumer's
+        `.to("cuda", non_blocking=True)` from a page-locked slot is only queued: an event
+        recorded on the current stream once the slot is seen free completes after them."""
+        pending = []
+        for k in free:
+            if k not in self._pinned or k not in self._copying:
+                return k
+            event = self._copying[k]
+            if event is None:
+                event = self._copying[k] = torch.cuda.Event()
+                event.record()
+            if event.query():
+                return k
+            pending.append(k)
+        if not pending:
+            return None
+        self._copying[pending[0]].synchronize()
+        return pending[0]
 
     def _from_slot(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A worker's window, as tensors over this process's mapping of its slot."""
         k = item[_SLOT]
         self._in_flight.discard(k)
+        if k in self._pinned:
+            self._copying[k] = None  # an event is recorded once no batch of it is held
         return {name: torch.from_numpy(slot_view(self._slots.arrays[k], *where))
                 for name, where in item["fields"].items()}
 

@@ -10,13 +10,16 @@ process wraps its own mapping of the slot in tensors. A slot is handed to a new 
 when no batch cut from it is referenced any more (reference counts, as in the in-process
 buffer pool) and no task in flight uses it.
 
-The files are sparse (memory is used by the pages written, not by their size), removed
-when the loader is garbage collected or the process exits, and a directory left by a
-killed process is removed by the next loader that starts.
+A slot's memory is reserved the first time it is used (so a loader holds what its windows
+in flight need, and a full /dev/shm is a MemoryError, not a SIGBUS in a worker); the files
+go when the loader is garbage collected or the process exits, and a directory left by a
+killed process (its lock released) is removed by the next loader that starts.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -44,44 +47,71 @@ def shm_root() -> Path:
 
 
 def _remove_orphans(root: Path) -> None:
-    """Remove slot directories whose process no longer runs (a loader killed hard)."""
+    """Remove slot directories no process holds any more (a loader killed hard). A live
+    loader holds an flock on its directory's lock file; locks are the kernel's, so this
+    also holds across PID namespaces (containers sharing /dev/shm). A directory without
+    a lock file is being created, or not ours: left alone."""
     for d in root.glob(f"{_PREFIX}*"):
-        pid = d.name[len(_PREFIX):].partition("-")[0]
-        if not pid.isdigit():
+        try:
+            fd = os.open(d / "lock", os.O_RDONLY)
+        except OSError:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pass  # alive, another user's
+            continue  # held: alive
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def aligned(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
+def _release(directory: str, lock_fd: int, pinned: list[int]) -> None:
+    """Finalizer: unpin, remove the files, drop the lock (in that order)."""
+    if pinned:
+        import torch
+        for ptr in pinned:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(lock_fd)
+
+
 class WindowSlots:
     """`count` shared files of `nbytes` each, mapped in this process as uint8 arrays.
-    Pickles to its directory and sizes: a worker maps the files it is told to use."""
+    Pickles to its directory and sizes: a worker maps the files it is told to use.
+
+    A slot's memory is reserved (fallocate) the first time it is used, so a loader only
+    holds the shared memory its windows in flight need, and running out is a MemoryError
+    here, not a SIGBUS in a worker writing to a page the filesystem cannot give."""
 
     def __init__(self, count: int, nbytes: int, *, root: Path | None = None):
         root = root or shm_root()
         _remove_orphans(root)
-        need = count * nbytes
-        free = shutil.disk_usage(root).free
         self.nbytes, self.count = aligned(max(nbytes, 1)), count
+        self.root = root
+        free = shutil.disk_usage(root).free
+        if free < self.count * self.nbytes:
+            raise MemoryError(self._too_small(free))
         self.dir = root / f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if free < need:
-            raise MemoryError(
-                f"the loader's {count} window buffers need {need / 2**20:,.0f} MiB of shared "
-                f"memory in {root}, {free / 2**20:,.0f} MiB are free: give the container more "
+        self.dir.mkdir(mode=0o700)
+        lock = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for the loader's life: see _remove_orphans
+        self._pinned: list[int] = []
+        self._finalizer = weakref.finalize(self, _release, str(self.dir), lock, self._pinned)
+        self.arrays = [self._map(k, create=True) for k in range(count)]
+        self._reserved = [False] * count
+        self._worker_maps: dict[int, np.ndarray] = {}
+
+    def _too_small(self, free: int) -> str:
+        return (f"the loader's {self.count} window buffers need "
+                f"{self.count * self.nbytes / 2**20:,.0f} MiB of shared memory in "
+                f"{self.root}, {free / 2**20:,.0f} MiB are free: give the container more "
                 "(docker run --shm-size=16g) or lower data.num_workers, "
                 "data.prefetch_factor or data.shuffle_buffer")
-        self.dir.mkdir(mode=0o700)
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
-        self.arrays = [self._map(k, create=True) for k in range(count)]
-        self._worker_maps: dict[int, np.ndarray] = {}
 
     def _map(self, k: int, *, create: bool = False) -> np.ndarray:
         path = self.dir / f"slot-{k}"
@@ -89,13 +119,38 @@ class WindowSlots:
                      0o600)
         try:
             if create:
-                os.ftruncate(fd, self.nbytes)  # sparse: no memory until written
+                os.ftruncate(fd, self.nbytes)  # sparse until reserve()
             elif os.fstat(fd).st_size != self.nbytes:
                 raise OSError(f"{path}: {os.fstat(fd).st_size} bytes, expected {self.nbytes}")
             buf = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         return np.frombuffer(buf, np.uint8)
+
+    def reserve(self, k: int) -> None:
+        """Give slot k its memory now (once): MemoryError if the filesystem is full."""
+        if self._reserved[k]:
+            return
+        fd = os.open(self.dir / f"slot-{k}", os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, self.nbytes)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise MemoryError(self._too_small(shutil.disk_usage(self.root).free)) from None
+        finally:
+            os.close(fd)
+        self._reserved[k] = True
+
+    def pin(self, k: int) -> bool:
+        """Page-lock slot k for asynchronous copies to the GPU (cudaHostRegister of this
+        process's mapping, undone when the slots go); False if CUDA refuses."""
+        import torch
+        a = self.arrays[k]
+        if int(torch.cuda.cudart().cudaHostRegister(a.ctypes.data, a.nbytes, 0)) != 0:
+            return False
+        self._pinned.append(a.ctypes.data)
+        return True
 
     def __getstate__(self) -> dict:
         return {"dir": self.dir, "nbytes": self.nbytes, "count": self.count}

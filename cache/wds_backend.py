@@ -158,6 +158,10 @@ class _MappedTar:
             raise DamagedCacheError(f"{self.rel}: unreadable tar ({e}); run `pipeline "
                                     "verify` on the cache") from None
         self.keys = np.fromiter(rows, dtype=np.int64, count=len(rows))
+        if (np.diff(self.keys) <= 0).any():  # rows are found by binary search on the keys
+            raise DamagedCacheError(f"{self.rel}: its samples are not in increasing order "
+                                    "(not a tar this cache wrote); run `pipeline verify` on "
+                                    "the cache")
         exts = {e for r in rows.values() for e in r}
         self.offsets = {e: np.array([r.get(e, (-1, -1, 0))[1] for r in rows.values()],
                                     np.int64) for e in exts}

@@ -1,5 +1,7 @@
 """Round trips through both backends, every dtype option, with values that encode their index."""
 
+import io
+
 import numpy as np
 import pytest
 import webdataset as wds
@@ -185,3 +187,22 @@ def test_wds_index_falls_back_to_the_walk_unless_every_header_fits(make_cache, t
     ds = open_cache(path, verify_reads=False)
     with pytest.raises(Exception, match="unreadable tar|checksum"):
         ds.gather(np.arange(8), ["moments"])
+
+
+def test_wds_tar_with_samples_out_of_order_is_refused(make_cache):
+    """Samples 5 and 6 swapped in a tar (the layout holds, the keys do not follow): no
+    read returns one sample's values for the other, checked or not."""
+    import tarfile
+    from cache import DamagedCacheError
+    path, _ = make_cache(backends=("wds",))
+    tar = sorted((path / "wds").glob("shard-*.tar"))[0]
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    key = lambda m: int(m.name.partition(".")[0])  # noqa: E731
+    order = sorted(members, key=lambda md: {5: 6, 6: 5}.get(key(md[0]), key(md[0])))
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for m, data in order:
+            tf.addfile(m, io.BytesIO(data))
+    for verify in (False, True):
+        with pytest.raises(DamagedCacheError, match="not in increasing order|checksum"):
+            open_cache(path, verify_reads=verify).gather(np.arange(8), ["moments"])

@@ -252,21 +252,32 @@ def test_workers_equal_in_process_for_every_layout(make_cache, overrides, config
 
 
 def test_shared_buffers_are_removed_with_the_loader(cache_path, tmp_path, monkeypatch):
-    """The buffer files go when the loader goes; a directory left by a killed process
-    goes when the next loader starts; too little shared memory is one clear error."""
+    """The buffer files go when the loader goes; a directory whose owner died (its lock
+    released) goes when the next loader starts, one whose lock is held stays (a loader in
+    another container sharing /dev/shm); too little shared memory is one clear error."""
     import gc
     import subprocess
     import sys
     shm = tmp_path / "shm"
     shm.mkdir()
     monkeypatch.setenv("UREPA_SHM_DIR", str(shm))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    (shm / f"urepa-loader-{dead}-0000").mkdir()
-    loader = CacheLoader(cache_path, cfg(num_workers=1))
-    assert next(iter(loader))["index"].shape == (4,)
-    slot_dir = loader._slots.dir
-    assert [p.name for p in shm.iterdir()] == [slot_dir.name]  # the orphan is gone
+    for name in ("urepa-loader-1-dead", "urepa-loader-1-held"):
+        (shm / name).mkdir()
+        (shm / name / "lock").touch()
+    holder = subprocess.Popen(  # holds the second directory's lock until told to stop
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(shm / "urepa-loader-1-held" / "lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        loader = CacheLoader(cache_path, cfg(num_workers=1))
+        assert next(iter(loader))["index"].shape == (4,)
+        slot_dir = loader._slots.dir
+        assert sorted(p.name for p in shm.iterdir()) == sorted([slot_dir.name,
+                                                                "urepa-loader-1-held"])
+    finally:
+        holder.communicate("")
     del loader
     gc.collect()
     assert not slot_dir.exists()
