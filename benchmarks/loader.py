@@ -1,6 +1,6 @@
 """Training-loader throughput against the machine's limits and a peer reader.
 
-    python benchmarks/loader.py [--samples 2048] [--workers 2] [--repeats 5]
+    python benchmarks/loader.py [--samples 2048] [--workers 2] [--repeats 7] [--epochs 3]
                                 [--modes warm,workers,cold] [--backends zarr,wds]
                                 [--peers safetensors] [--json out.json]
                                 [--checks] [--via-url] [--attn L] [--dir /tmp/urepa-bench]
@@ -15,9 +15,9 @@ one epoch of batches of 256 (block shuffle + shuffle buffer) in three modes:
 - cold: the files dropped from the page cache (posix_fadvise DONTNEED: no root needed)
   and a fresh reader's first epoch, in process.
 
-Limits, measured in the same run: warm modes against a plain memcpy of the same bytes per
-batch into a reused buffer (what any loader must at least do), taking turns with the
-readers; cold against a sequential read of the same files after dropping them (what the
+Limits, measured in the same run: warm modes against a plain memcpy of the same bytes,
+sample by sample into a reused batch buffer (what any loader must at least do), taking
+turns with the readers; cold against a sequential read of the same files after dropping them (what the
 disk gives a `cat`). The peer ("safetensors") reads each sample from its shard with
 safetensors' safe_open (LightningDiT-style latents) and batches with DataLoader's default
 collate. Every figure is the median of --repeats runs, with the spread (min-max).
@@ -106,26 +106,39 @@ def sequential_read(files: list[Path], samples: int) -> Run:
     return run
 
 
-def memcpy(batch_bytes: int, batches: int, batch_size: int) -> Run:
-    src = np.ones(batch_bytes, np.uint8)
+def disk_bytes_read() -> int:
+    """Bytes this process has had read from the disk (not the page cache) so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def memcpy(sample_bytes: int, batches: int, batch_size: int) -> Run:
+    """Copy a batch's bytes into a reused batch buffer one sample at a time (what any
+    loader does at least), `batches` times. One copy of the whole batch runs at about
+    the same speed here, a little slower (glibc's non-temporal stores)."""
+    src = np.ones((batch_size, sample_bytes), np.uint8)
     dst = np.empty_like(src)
 
     def run() -> tuple[float, int]:
         t = time.perf_counter()
         for _ in range(batches):
-            np.copyto(dst, src)
+            for i in range(batch_size):
+                dst[i] = src[i]
         return time.perf_counter() - t, batches * batch_size
     return run
 
 
-def epoch(loader) -> tuple[float, int]:
-    """One epoch of `loader` (ours: epoch 0 again, the same batches every time)."""
-    if isinstance(loader, CacheLoader):
-        loader.set_epoch(0)
+def epoch(loader, epochs: int = 1) -> tuple[float, int]:
+    """`epochs` epochs of `loader` (ours: epoch 0 again, the same batches every time)."""
     t = time.perf_counter()
     n = 0
-    for batch in loader:
-        n += len(batch["label"])
+    for _ in range(epochs):
+        if isinstance(loader, CacheLoader):
+            loader.set_epoch(0)
+        for batch in loader:
+            n += len(batch["label"])
     return time.perf_counter() - t, n
 
 
@@ -202,8 +215,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'reader':22s} {'mode':8s} {'samples/s':>9s} {'spread':>15s} {'GB/s':>6s} "
           f"{'x limit':>7s}")
     for r in rows:
+        read = (f"  {r['read_from_disk']:.0%} of its files read from the disk"
+                if "read_from_disk" in r else "")
         print(f"{r['reader']:22s} {r['mode']:8s} {r['samples_per_s']:9,d} "
-              f"{r['min']:7,d}-{r['max']:<7,d} {r['GB_per_s']:6.2f} {r['vs_limit']:6.2f}x")
+              f"{r['min']:7,d}-{r['max']:<7,d} {r['GB_per_s']:6.2f} {r['vs_limit']:6.2f}x{read}")
 
 
 def main() -> int:
@@ -215,7 +230,8 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--shuffle-buffer", type=int, default=1024)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers in 'workers'")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per timed warm run")
     p.add_argument("--modes", default="warm,workers,cold")
     p.add_argument("--backends", default="zarr,wds", help="zarr, wds or zarr,wds")
     p.add_argument("--peers", default="safetensors", help="safetensors, or '' for none")
@@ -265,33 +281,54 @@ def main() -> int:
         return peer_loader(st_files, spec.shard_size, fields, order, B, workers)
     names = list(ours) + (["safetensors (peer)"] if peers else [])
     rows = []
+    if "cold" in modes:  # first: no reader of the warm modes holds a file mapped
+        files = {n: (cache_files(cache, ours[n], fields) if n in ours else st_files)
+                 for n in names}
+        read: dict[str, list[float]] = {n: [] for n in names}  # share of the files read
+
+        def cold(n: str, workers: int) -> Run:
+            def run() -> tuple[float, int]:
+                ld = reader(n, workers)
+                if workers and n in ours:
+                    ld.start()  # worker start-up is not reading: not timed
+                drop_from_page_cache(files[n])
+                before = disk_bytes_read()
+                out = epoch(ld)
+                if not workers:  # what workers read is counted in their processes
+                    read[n].append((disk_bytes_read() - before) / sum(
+                        p.stat().st_size for p in files[n]))
+                return out
+            return run
+        runs = {}
+        for n in names:  # each reader, and a sequential read of its files, taking turns
+            runs[f"disk read ({n.split(' (')[0]})"] = sequential_read(files[n], args.samples)
+            runs[n] = cold(n, 0)
+            if n in ours and "workers" in modes:
+                runs[f"{n} +{args.workers}w"] = cold(n, args.workers)
+        rates = taking_turns(args.repeats, runs)
+        limit = None
+        for n, r in rates.items():
+            if n.startswith("disk read"):
+                limit = statistics.median(r)
+            extra = {"read_from_disk": round(statistics.median(read[n]), 2)} if read.get(n) \
+                else {}
+            rows.append({**row(n, "cold", r, limit, per_sample), **extra})
     for mode, workers in (("warm", 0), ("workers", args.workers)):
         if mode not in modes:
             continue
         loaders = {n: reader(n, workers) for n in names}
         for ld in loaders.values():
             epoch(ld)  # opens files, starts workers, fills buffers
-        rates = taking_turns(args.repeats, {"memcpy": memcpy(B * per_sample, batches, B),
-                                            **{n: (lambda ld=ld: epoch(ld))
+        e = args.epochs
+        rates = taking_turns(args.repeats, {"memcpy": memcpy(per_sample, batches * e, B),
+                                            **{n: (lambda ld=ld: epoch(ld, e))
                                                for n, ld in loaders.items()}})
         limit = statistics.median(rates["memcpy"])
         rows += [row(n, mode, r, limit, per_sample) for n, r in rates.items()]
         del loaders
-    if "cold" in modes:
-        files = {n: (cache_files(cache, ours[n], fields) if n in ours else st_files)
-                 for n in names}
-
-        def cold(n: str) -> Run:
-            def run() -> tuple[float, int]:
-                drop_from_page_cache(files[n])
-                return epoch(reader(n, 0))
-            return run
-        disk = {f"disk read ({n})": sequential_read(files[n], args.samples) for n in ours}
-        rates = taking_turns(args.repeats, {**disk, **{n: cold(n) for n in names}})
-        limit = statistics.median(rates[next(iter(disk))])
-        rows += [row(n, "cold", r, limit, per_sample) for n, r in rates.items()]
-    print("limits: warm modes against memcpy of the same bytes; cold against a sequential "
-          f"read of {next(iter(disk)) if 'cold' in modes else 'the files'}")
+    print("limits: warm modes against memcpy of the same bytes sample by sample; cold "
+          "against a sequential read of the reader's own files, both after dropping them "
+          "from the page cache")
     print_table(rows)
 
     for name, backend in ours.items():

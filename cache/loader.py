@@ -413,6 +413,15 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = int(epoch), 0
 
+    def start(self) -> None:
+        """Start the worker processes and wait until they are ready, reading nothing
+        (they start at the first iteration otherwise: seconds for torch's imports)."""
+        if self.cfg.num_workers:
+            self._sampler.tasks = []
+            for _ in range(2):  # two empty epochs: the second waits until each worker
+                for _ in self._dl:  # has answered (persistent workers resume)
+                    pass
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         B, M = self.cfg.batch_size, self.cfg.shuffle_buffer // self.cfg.batch_size
         epoch = self.epoch
