@@ -200,7 +200,8 @@ class _WindowFetcher(Dataset):
         fields += [SCALES[f] for f in fields if f in SCALES and SCALES[f] in ds.spec.fields]
         self.read_fields = [f for f in fields if f != INDEX]
         self.random_views = ds.spec.views > 1 and cfg.view == "random"
-        quantized = {n for pair in SCALES.items() for n in pair} if cfg.dequantize else set()
+        quantized = {n for pair in SCALES.items() if pair[1] in ds.spec.fields
+                     for n in pair} if cfg.dequantize else set()  # int8 and their scales
         # fields whose stored rows are the output rows (at most a size-1 view axis apart):
         # in a worker they are gathered straight into the shared window buffer
         self.in_place = [f for f in self.read_fields if f not in quantized and (

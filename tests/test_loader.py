@@ -211,6 +211,8 @@ def test_workers_gather_into_shared_buffers_that_are_reused(cache_path, spec):
     window buffers (no copy on the way back); a consumer that lets each batch go reuses
     a few of them, and every batch still holds the right samples."""
     loader = CacheLoader(cache_path, cfg(num_workers=2, prefetch_factor=1))
+    # fp16 fields, one view: every field is gathered straight into the slot, none copied
+    assert loader._fetcher.in_place == loader._fetcher.read_fields
     loader.start()  # the workers are up, nothing was read or reserved
     assert not any(loader._slots._reserved) and loader.batch_in_epoch == loader.epoch == 0
     used = set()
