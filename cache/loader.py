@@ -74,6 +74,9 @@ class LoaderConfig:
     # Costs one CRC32C pass the first time a process reads a chunk, nothing after
     # (docs/performance.md); False reads unchecked
     verify: bool = True
+    # threads sharing a window's copies (numpy releases the GIL in them); None: up to 4
+    # (the cores this process may use) in process, 1 in each DataLoader worker
+    copy_threads: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -92,6 +95,8 @@ class LoaderConfig:
             bad("view", "choose 'random', 'first' or 'all'")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
+        if self.copy_threads is not None and self.copy_threads < 1:
+            bad("copy_threads", "must be >= 1 (or None)")
         unknown = [f for f in self.fields if f not in _FIELDS]
         if unknown:
             bad("fields", f"unknown {unknown}; choose from {list(_FIELDS)}")
@@ -208,6 +213,7 @@ class _WindowFetcher(Dataset):
             f not in _VIEW_FIELDS or cfg.view == "all" or ds.spec.views == 1)]
         self.pool = _BufferPool()
         self.slots: WindowSlots | None = None  # set by CacheLoader when workers run
+        self.threads = cfg.copy_threads or (1 if cfg.num_workers else min(4, _cores()))
 
     def window_layout(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of every tensor a window of n samples comes back as."""
@@ -233,11 +239,14 @@ class _WindowFetcher(Dataset):
         writer = None
         if task.slot is not None:
             writer = SlotWriter(self.slots.worker_array(task.slot))
-            raw = self.ds.gather(task.indices, self.in_place, alloc=writer.alloc)
+            raw = self.ds.gather(task.indices, self.in_place, alloc=writer.alloc,
+                                 threads=self.threads)
             raw.update(self.ds.gather(task.indices, [f for f in self.read_fields
-                                                     if f not in raw], alloc=self.pool))
+                                                     if f not in raw], alloc=self.pool,
+                                      threads=self.threads))
         else:
-            raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool)
+            raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool,
+                                 threads=self.threads)
         out: dict[str, Any] = {}
         for name, a in raw.items():
             if name in _VIEW_FIELDS and self.cfg.view != "all":
@@ -483,6 +492,12 @@ class CacheLoader:
                              f"[0, {len(self)}] (batches per epoch): the saved loader state "
                              "is damaged (resume from an earlier checkpoint)")
         self.epoch, self.batch_in_epoch = epoch, batch
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
 
 
 def _identity(x):

@@ -29,6 +29,11 @@ from .zarr_backend import ZarrReader, metadata_problems
 READERS = {"zarr": ZarrReader, "wds": WdsReader}
 
 
+def _copy(copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    for arr, rows, piece in copies:
+        arr[rows] = piece
+
+
 @dataclasses.dataclass
 class VerifyReport:
     """Result of CacheDataset.verify(): every problem found, per backend and shard."""
@@ -131,6 +136,7 @@ class CacheDataset:
         valid = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
         self.valid_indices = valid[~np.isin(valid, np.fromiter(self.failures, np.int64))]
         self._reader = None
+        self._copier: ThreadPoolExecutor | None = None  # gather(threads=...)
 
     def _marker(self, shard: int) -> dict[str, Any]:
         """The shard's done marker, checked once (DamagedCacheError if it is not sound,
@@ -164,8 +170,8 @@ class CacheDataset:
                 checksums=self._checksums if self.verify_reads else None, **extra)
         return self._reader
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_reader": None}  # never pickle open files or mmaps
+    def __getstate__(self) -> dict:  # never pickle open files, mmaps or threads
+        return {**self.__dict__, "_reader": None, "_copier": None}
 
     def __len__(self) -> int:
         return self.spec.num_samples
@@ -206,11 +212,13 @@ class CacheDataset:
         return [self.reader.read_keys(int(i), int(i) + 1)[0] for i in indices]
 
     def gather(self, indices: np.ndarray, fields: Sequence[str],
-               alloc: Callable[[tuple[int, ...], str], np.ndarray] = np.empty
-               ) -> dict[str, np.ndarray]:
+               alloc: Callable[[tuple[int, ...], str], np.ndarray] = np.empty,
+               threads: int = 1) -> dict[str, np.ndarray]:
         """Stored arrays of `fields` for `indices` (any order, no duplicates, all
         available), in the order given. Reads each run of consecutive indices once and
-        copies each row once, from the backend straight into arrays made by `alloc`."""
+        copies each row once, from the backend straight into arrays made by `alloc`.
+        With `threads` > 1 the copies (numpy releases the GIL in them) are shared among
+        that many threads once the pieces are located, which is all Python work."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) == 0:
             return {name: alloc((0, *self.spec.fields[name].shape), self.spec.fields[name].dtype)
@@ -220,20 +228,24 @@ class CacheDataset:
         cuts = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
         starts = np.concatenate([[0], cuts])
         stops = np.concatenate([cuts, [len(sorted_idx)]])
-        out = {}
+        out, copies = {}, []
         for name in fields:
             f = self.spec.fields[name]
             if f.dtype == "str":
                 raise ValueError(f"gather() reads numeric fields; use keys() for {name!r}")
-            arr = alloc((len(indices), *f.shape), f.dtype)
+            arr = out[name] = alloc((len(indices), *f.shape), f.dtype)
             for a, b in zip(starts, stops):
                 pos = a
                 for piece in self.reader.pieces(name, int(sorted_idx[a]),
                                                 int(sorted_idx[b - 1]) + 1):
-                    n = len(piece)
-                    arr[order[pos:pos + n]] = piece
-                    pos += n
-            out[name] = arr
+                    copies.append((arr, order[pos:pos + len(piece)], piece))
+                    pos += len(piece)
+        if threads > 1 and len(copies) > 1:
+            if self._copier is None or self._copier._max_workers != threads:
+                self._copier = ThreadPoolExecutor(threads, thread_name_prefix="urepa-copy")
+            list(self._copier.map(_copy, [copies[t::threads] for t in range(threads)]))
+        else:
+            _copy(copies)
         return out
 
     # --------------------------------------------------------------- verify & stats

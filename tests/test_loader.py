@@ -276,7 +276,10 @@ def test_shared_buffers_are_removed_with_the_loader(cache_path, tmp_path, monkey
     try:
         assert holder.stdout.readline().strip() == "held"
         loader = CacheLoader(cache_path, cfg(num_workers=1))
-        assert next(iter(loader))["index"].shape == (4,)
+        batches = iter(loader)
+        assert next(batches)["index"].shape == (4,)
+        batches.close()  # a suspended iteration refers to its loader
+        del batches
         slot_dir = loader._slots.dir
         assert sorted(p.name for p in shm.iterdir()) == sorted([slot_dir.name,
                                                                 "urepa-loader-1-held"])
