@@ -311,7 +311,7 @@ class CacheLoader:
         self._fetcher = _WindowFetcher(self.ds, self.cfg)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         workers = self.cfg.num_workers
-        self._slots, self._in_flight, self._pinned = None, set(), set()
+        self._slots, self._in_flight, self._pinned, self._closed = None, set(), set(), False
         self._copying: dict[int, Any] = {}  # pinned slot -> CUDA event after its copies
         if workers:
             # every window in flight, the one being consumed and one the consumer holds
@@ -423,6 +423,13 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch_in_epoch = int(epoch), 0
 
+    def close(self) -> None:
+        """Remove the shared window buffers now (else when the loader is garbage
+        collected, or at exit). The loader cannot iterate afterwards."""
+        if self._slots is not None:
+            self._slots.close()
+            self._closed = True
+
     def start(self) -> None:
         """Start the worker processes and wait until they are ready, reading nothing
         (they start at the first iteration otherwise: seconds for torch's imports)."""
@@ -433,6 +440,8 @@ class CacheLoader:
                     pass
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._closed:
+            raise ValueError("this CacheLoader was closed")
         B, M = self.cfg.batch_size, self.cfg.shuffle_buffer // self.cfg.batch_size
         epoch = self.epoch
         first, skip = divmod(self.batch_in_epoch, M)

@@ -256,10 +256,10 @@ def test_workers_equal_in_process_for_every_layout(make_cache, overrides, config
 
 
 def test_shared_buffers_are_removed_with_the_loader(cache_path, tmp_path, monkeypatch):
-    """The buffer files go when the loader goes; a directory whose owner died (its lock
-    released) goes when the next loader starts, one whose lock is held stays (a loader in
-    another container sharing /dev/shm); too little shared memory is one clear error."""
-    import gc
+    """The buffer files go when the loader is closed (or collected, or at exit); a
+    directory whose owner died (its lock released) goes when the next loader starts, one
+    whose lock is held stays (a loader in another container sharing /dev/shm); too little
+    shared memory is one clear error."""
     import subprocess
     import sys
     shm = tmp_path / "shm"
@@ -285,9 +285,10 @@ def test_shared_buffers_are_removed_with_the_loader(cache_path, tmp_path, monkey
                                                                 "urepa-loader-1-held"])
     finally:
         holder.communicate("")
-    del loader
-    gc.collect()
+    loader.close()
     assert not slot_dir.exists()
+    with pytest.raises(ValueError, match="closed"):
+        next(iter(loader))
     import cache.shm
     monkeypatch.setattr(cache.shm.shutil, "disk_usage",
                         lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
