@@ -241,9 +241,10 @@ class _WindowFetcher(Dataset):
             writer = SlotWriter(self.slots.worker_array(task.slot))
             raw = self.ds.gather(task.indices, self.in_place, alloc=writer.alloc,
                                  threads=self.threads)
-            raw.update(self.ds.gather(task.indices, [f for f in self.read_fields
-                                                     if f not in raw], alloc=self.pool,
-                                      threads=self.threads))
+            rest = [f for f in self.read_fields if f not in raw]  # computed, then copied
+            if rest:
+                raw.update(self.ds.gather(task.indices, rest, alloc=self.pool,
+                                          threads=self.threads))
         else:
             raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool,
                                  threads=self.threads)

@@ -136,7 +136,7 @@ class CacheDataset:
         valid = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
         self.valid_indices = valid[~np.isin(valid, np.fromiter(self.failures, np.int64))]
         self._reader = None
-        self._copier: ThreadPoolExecutor | None = None  # gather(threads=...)
+        self._copier: tuple[int, ThreadPoolExecutor] | None = None  # gather(threads=)
 
     def _marker(self, shard: int) -> dict[str, Any]:
         """The shard's done marker, checked once (DamagedCacheError if it is not sound,
@@ -241,9 +241,10 @@ class CacheDataset:
                     copies.append((arr, order[pos:pos + len(piece)], piece))
                     pos += len(piece)
         if threads > 1 and len(copies) > 1:
-            if self._copier is None or self._copier._max_workers != threads:
-                self._copier = ThreadPoolExecutor(threads, thread_name_prefix="urepa-copy")
-            list(self._copier.map(_copy, [copies[t::threads] for t in range(threads)]))
+            if self._copier is None or self._copier[0] != threads:
+                self._copier = (threads, ThreadPoolExecutor(threads,
+                                                            thread_name_prefix="urepa-copy"))
+            list(self._copier[1].map(_copy, [copies[t::threads] for t in range(threads)]))
         else:
             _copy(copies)
         return out
