@@ -47,19 +47,31 @@ GFLOPS_PER_IMAGE = {"real": 272.7 + 46.3}
 MODELS = {"real": ("stabilityai/sd-vae-ft-mse", "dinov2-b"), "tiny": ("tiny", "dinov2-tiny")}
 
 
-def make_jpegs(root: Path, n: int) -> Path:
+def _write_jpegs(root: Path, indices: range) -> None:
     from PIL import Image
+    for i in indices:
+        rng = np.random.default_rng([0, i])
+        w, h = (int(x) for x in rng.integers(400, 501, size=2))
+        img = demo_image(i % 10, i).resize((w, h), Image.Resampling.BICUBIC)
+        img.save(root / f"n{i % 10:08d}" / f"{i:06d}.JPEG", quality=90)
+
+
+def make_jpegs(root: Path, n: int, workers: int = 1) -> Path:
+    """n ImageNet-like JPEGs (400-500 px sides, quality 90) in 10 class folders, written
+    once (by `workers` processes) and reused."""
+    from concurrent.futures import ProcessPoolExecutor
     done = root / f".{n}"
     if done.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / f"n{i % 10:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        w, h = (int(x) for x in rng.integers(400, 501, size=2))
-        img = demo_image(i % 10, i).resize((w, h), Image.Resampling.BICUBIC)
-        img.save(d / f"{i:06d}.JPEG", quality=90)
+    for c in range(min(n, 10)):
+        (root / f"n{c:08d}").mkdir(parents=True)
+    parts = [range(k, n, max(1, workers)) for k in range(max(1, workers))]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_jpegs, [root] * len(parts), parts))
+    else:
+        _write_jpegs(root, parts[0])
     done.touch()
     return root
 

@@ -53,9 +53,28 @@ from train.methods import METHODS, build_method  # noqa: E402
 from train.models import build_model, num_blocks  # noqa: E402
 from train.step import Student, build_generator  # noqa: E402
 
+def method_for(name: str, arch: str, dim: int):
+    """Method `name` (default arguments) for `arch` and teacher width `dim`."""
+    return build_method(AlignConfig(method=name, teacher_dim=dim), {}, ModelConfig(arch=arch))
+
+
 def urepa(arch: str, dim: int):
     """U-REPA (the trainer's default method) for `arch` and teacher width `dim`."""
-    return build_method(AlignConfig(method="urepa", teacher_dim=dim), {}, ModelConfig(arch=arch))
+    return method_for("urepa", arch, dim)
+
+
+def training_flops(arch: str, method, resolution: int, tokens: int, dim: int) -> float:
+    """FLOPs of one training step per image: 3x the student's forward (backbone +
+    projector + loss), counted by torch's FlopCounterMode on the meta device."""
+    latent = resolution // 8
+    with torch.device("meta"):
+        s_meta = Student(build_model(arch, latent_size=latent), method, latent_scale=0.18215)
+        batch = {"moments": torch.randn(1, 8, latent, latent),
+                 "label": torch.zeros(1, dtype=torch.long), "tokens": torch.randn(1, tokens, dim)}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        s_meta(batch)
+    return 3 * counter.get_total_flops()  # forward + backward ~ 3x forward
 
 
 def make_pngs(root: Path, n: int, size: int) -> list[Path]:
@@ -105,21 +124,30 @@ def teacher_tokens(teacher, images: torch.Tensor, size: int, dtype) -> torch.Ten
     return feats[:, getattr(teacher, "num_prefix_tokens", 1):].float()
 
 
-def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) -> dict:
+def timed(batches, step, n_steps: int, warmup: int, batch_size: int,
+          max_seconds: float | None = None) -> dict:
+    """images/s, steps/s and the data-wait share (time blocked on `batches` over the
+    whole) of `n_steps` steps after `warmup`; stops early after `max_seconds`."""
     it = iter(batches)
     for _ in range(warmup):
         step(next(it))
     sync()
-    wait = 0.0
+    wait, done = 0.0, 0
     t0 = time.perf_counter()
-    for _ in range(n_steps):
+    while done < n_steps and (max_seconds is None or time.perf_counter() - t0 < max_seconds):
         tw = time.perf_counter()
         b = next(it)
         wait += time.perf_counter() - tw
         step(b)
+        done += 1
     sync()
     dt = time.perf_counter() - t0
-    r = {"img_s": n_steps * batch_size / dt, "steps_s": n_steps / dt, "wait": wait / dt}
+    return {"img_s": done * batch_size / dt, "steps_s": done / dt, "wait": wait / dt,
+            "steps": done}
+
+
+def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) -> dict:
+    r = timed(batches, step, n_steps, warmup, batch_size)
     print(f"{name:7s} {r['img_s']:9.1f} img/s  {r['steps_s']:7.3f} steps/s  "
           f"data wait {100 * r['wait']:5.1f}% of step time")
     return r
@@ -310,15 +338,7 @@ def main() -> None:
     online = run("online", online_batches(), online_step, n_steps, args.warmup, bs)
 
     print(f"cached/online: {cached['img_s'] / online['img_s']:.2f}x images/s")
-    with torch.device("meta"):
-        s_meta = Student(build_model(args.arch, latent_size=args.resolution // 8),
-                         urepa(args.arch, dim), latent_scale=0.18215)
-        batch = {"moments": torch.randn(1, 8, args.resolution // 8, args.resolution // 8),
-                 "label": torch.zeros(1, dtype=torch.long), "tokens": torch.randn(1, g * g, dim)}
-    counter = FlopCounterMode(display=False)
-    with counter:
-        s_meta(batch)
-    train_flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward
+    train_flops = training_flops(args.arch, urepa(args.arch, dim), args.resolution, g * g, dim)
     achieved = train_flops * cached["img_s"] / 1e12
     peak = peak_tflops()
     print(f"student training FLOPs/image {train_flops / 1e9:.1f} G -> {achieved:.1f} TFLOP/s"
