@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-# dense bf16 peak, TFLOP/s (vendor datasheets, SXM parts)
-PEAK_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
+# dense bf16 peak, TFLOP/s (vendor datasheets); the first name found in the device's name
+# counts, so the PCIe and NVL parts come before the plain (SXM) names
+PEAK_BF16 = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.4,
+             "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
 def peak_tflops() -> float | None:

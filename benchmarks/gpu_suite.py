@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -61,6 +62,11 @@ PHASES: dict[str, tuple[float, float]] = {
     "encode-compile": (150, 90), "train-urepa-compile": (150, 90),
     "train-repa-compile": (150, 90),
 }
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container may see the host's others)."""
+    return len(os.sched_getaffinity(0))
 
 
 class Result:
@@ -118,17 +124,19 @@ def phase_card(args, res: Result) -> None:
     gpu = device.type == "cuda"
     res.put(device=torch.cuda.get_device_name() if gpu else "cpu",
             memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-            if gpu else None, cpu_cores=os.cpu_count())
+            if gpu else None, cpu_cores=_cores(),
+            shm_free_gib=round(shutil.disk_usage("/dev/shm").free / 2**30, 1)
+            if os.path.isdir("/dev/shm") else None)
     n = 8192 if gpu else 256
     dtype = torch.bfloat16 if gpu else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))  # not zeros
     s = _time(torch, device, lambda: a @ b, 10)
-    res.put(matmul_tflops=round(2 * n ** 3 / s / 1e12, 2), matmul=f"{n}^3 {dtype}")
+    res.put(matmul_tflops=float(f"{2 * n ** 3 / s / 1e12:.4g}"), matmul=f"{n}^3 {dtype}")
     nbytes = (1 << 30) if gpu else (8 << 20)
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     s = _time(torch, device, lambda: dst.copy_(src), 10)
-    res.put(copy_gbs=round(2 * nbytes / s / 1e9, 1))   # bytes read + bytes written
+    res.put(copy_read_write_gbs=round(2 * nbytes / s / 1e9, 1))
     if gpu:
         host = torch.randint(0, 255, (256 << 20,), dtype=torch.uint8).pin_memory()
         dev = torch.empty(host.shape, dtype=torch.uint8, device=device)
@@ -147,7 +155,6 @@ def _loader_cache(args, n: int, tokens: int, dim: int) -> Path:
             return root
     except Exception:   # absent or unfinished: written anew
         pass
-    import shutil
     shutil.rmtree(root, ignore_errors=True)
     write_synthetic_cache(root, spec)
     return root
@@ -163,20 +170,25 @@ def phase_loader(args, res: Result) -> None:
                  for b in CacheLoader(root, LoaderConfig(num_workers=0, pin_memory=False, **cfg))]
     loader = CacheLoader(root, LoaderConfig(num_workers=2, pin_memory=True, **cfg))
     loader.start()
-    equal, batches = True, 0
-    t = time.perf_counter()
+    equal, batches, timed = True, 0, 0.0
     for epoch in range(3):
         loader.set_epoch(0)   # the reference's epoch, three times over
-        for ref, b in zip(reference, loader):
-            on_device = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            equal &= all(torch.equal(on_device[k], ref[k]) for k in ref)
-            batches += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+        # every batch's copy queued without waiting (more batches than shared buffers, so
+        # buffers are reused while copies from them may be pending: the loader must wait
+        # for their CUDA events), compared only after the epoch
+        t = time.perf_counter()
+        on_device = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
+                     for b in loader]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timed += time.perf_counter() - t
+        equal &= len(on_device) == len(reference) and all(
+            torch.equal(got[k], ref[k]) for got, ref in zip(on_device, reference) for k in ref)
+        batches += len(on_device)
+    pinned = len(loader._pinned)
     loader.close()
-    res.put(batches=batches, equal=bool(equal and batches == 3 * len(reference)),
-            pinned=device.type == "cuda", img_s_with_checks=round(batches * B / dt, 1))
+    res.put(batches=batches, equal=bool(equal), pinned_buffers=pinned,
+            img_s=round(batches * B / timed, 1))
     if not equal:
         raise SystemExit("the pinned worker path gave other bytes than the in-process loader")
 
@@ -233,7 +245,7 @@ def phase_encode(args, res: Result, compile: bool = False) -> None:
 def _jpegs(args) -> Path:
     from encode import make_jpegs
     n = 16 if args.smoke else args.jpegs
-    return make_jpegs(args.dir / f"jpeg-{n}", n, workers=os.cpu_count() or 1)
+    return make_jpegs(args.dir / f"jpeg-{n}", n, workers=_cores())
 
 
 def _decode_shard(paths_and_res):
@@ -245,6 +257,7 @@ def _decode_shard(paths_and_res):
 
 def phase_decode_encode(args, res: Result) -> None:
     torch, device = _setup(args)
+    import numpy as np
     from concurrent.futures import ProcessPoolExecutor
     from pipeline.sources import list_source
     items = list_source("imagefolder", _jpegs(args)).items
@@ -254,22 +267,33 @@ def phase_decode_encode(args, res: Result) -> None:
     enc = _encoder(args, device, compile=False)
     bs = enc.batch_size
     enc.encode(one[:min(bs, len(one))])
-    cores = max(1, (os.cpu_count() or 2) - 1)
+    cores = max(1, _cores() - 1)
     res.put(decode_img_s_per_core=round(per_core, 1), decode_processes=cores, batch=bs)
-    chunks = [(items[k:k + bs], 256) for k in range(0, len(items), bs)]
-    done = 0
+    if args.encode_img_s:   # the encoder stage's rate, from the encode phase
+        res.put(cores_to_feed_encoder=round(args.encode_img_s / per_core, 1))
+    # small chunks, so that all processes are busy at once and the pipe is soon full;
+    # the clock starts at the first decoded chunk (pool start-up and fill left out)
+    chunk = 4 if args.smoke else 32
+    chunks = [(items[k:k + chunk], 256) for k in range(0, len(items), chunk)]
+    done, pending, t = 0, [], None
     with ProcessPoolExecutor(cores) as pool:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         for images, failed in pool.map(_decode_shard, chunks):   # in order, read ahead
-            enc.encode(images)
-            done += len(images)
+            if t is None:
+                t, first = time.perf_counter(), len(images)
+            pending.append(images)
+            if sum(len(p) for p in pending) >= bs:
+                batch = np.concatenate(pending)
+                pending = []
+                enc.encode(batch)
+                done += len(batch)
+        if pending:
+            batch = np.concatenate(pending)
+            enc.encode(batch)
+            done += len(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    rate = done / (time.perf_counter() - t)
-    res.put(img_s=round(rate, 1), images=done,
-            decode_cores_needed=round(rate / per_core, 1), **_peak_memory(torch, device))
+    rate = (done - first) / max(time.perf_counter() - t, 1e-9)
+    res.put(img_s=round(rate, 1), images=done, **_peak_memory(torch, device))
 
 
 def phase_pipeline(args, res: Result) -> None:
@@ -279,7 +303,6 @@ def phase_pipeline(args, res: Result) -> None:
         res.put(skipped="Ray is not installed here")
         return
     torch, device = _setup(args)
-    import shutil
     from pipeline.job import EncodeConfig, run_encode
     data = _jpegs(args)
     out = args.dir / "suite-pipeline-cache"
@@ -291,35 +314,37 @@ def phase_pipeline(args, res: Result) -> None:
         teacher="dinov2-tiny" if smoke else "dinov2-b", random_weights=True,
         shard_size=8 if smoke else 1024, batch_size=4 if smoke else 256, progress=False,
         num_gpus=0 if device.type == "cpu" else None,
-        num_cpus=max(2, os.cpu_count() or 2) if smoke else None), log=lambda s: None)
+        num_cpus=max(2, _cores()) if smoke else None), log=lambda s: None)
     res.put(img_s_steady=summary["steady_images_per_second"],
             img_s_overall=summary["images_per_second"], images=summary["images"],
-            ray_cpus=os.cpu_count())
+            ray_cpus=_cores())
 
 
-def _fill_batch(torch, device, make_step, smoke: bool) -> int:
-    """The largest batch (a multiple of 32) that fits in 90% of the card's memory, from
-    the peak memory of two small batches (linear in the batch), then checked."""
+def _fill_batch(torch, device, try_step, smoke: bool) -> int:
+    """The largest batch (a multiple of 32, at most 1024) that fits in 90% of the card:
+    peak memory is linear in the batch once the optimizer's state exists (a first step at
+    8 makes it), measured at 16 and 64, extrapolated, then tried, smaller until it fits.
+    `try_step(b)` runs one step and returns False on running out of memory."""
+    import gc
     if smoke:
         return 4
+    try_step(8)
     peaks = []
-    for b in (8, 16):
+    for b in (16, 64):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        make_step(b)
+        if not try_step(b):
+            return 16 if b == 64 else 8
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())
-    per = max(1, (peaks[1] - peaks[0]) / 8)
+    per = max(1.0, (peaks[1] - peaks[0]) / 48)
     total = torch.cuda.get_device_properties(0).total_memory
-    b = int((0.9 * total - (peaks[0] - 8 * per)) / per) // 32 * 32
+    b = int((0.9 * total - (peaks[0] - 16 * per)) / per) // 32 * 32
     b = max(32, min(b, 1024))
-    while b > 8:
-        try:
-            make_step(b)
-            torch.cuda.synchronize()
-            return b
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            b //= 2
+    while b > 32 and not try_step(b):
+        gc.collect()               # the failed step's tensors are gone once it returned
+        torch.cuda.empty_cache()
+        b = max(32, int(b * 0.85) // 32 * 32)
     return b
 
 
@@ -338,8 +363,9 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
     g, dim = token_grid(256), teacher.embed_dim
     dtype = torch.float32 if args.smoke else torch.bfloat16
     torch.manual_seed(0)
-    student = Student(build_model(arch, latent_size=32), method_for(method, arch, dim),
-                      latent_scale=0.18215).to(device)
+    with device:   # initialised on the card: seconds instead of ~15 s on the CPU for XL
+        student = Student(build_model(arch, latent_size=32), method_for(method, arch, dim),
+                          latent_scale=0.18215)
     if compile:
         student.net.compile()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -352,21 +378,29 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def random_step(b: int) -> None:
-        step({"moments": torch.randn(b, 8, 32, 32, device=device),
-              "label": torch.randint(1000, (b,), device=device),
-              "tokens": torch.randn(b, g * g, dim, device=device)})
+    def try_step(b: int) -> bool:
+        try:
+            step({"moments": torch.randn(b, 8, 32, 32, device=device),
+                  "label": torch.randint(1000, (b,), device=device),
+                  "tokens": torch.randn(b, g * g, dim, device=device)})
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            return False
+        return True
     t = time.perf_counter()
     # a compiled phase takes the batch its eager phase found (each new size recompiles)
     bs = args.train_batch or args.found_batch.get(name) or \
-        _fill_batch(torch, device, random_step, args.smoke)
+        _fill_batch(torch, device, try_step, args.smoke)
     res.put(arch=arch, method=method, batch=bs, compile=compile,
             probe_s=round(time.perf_counter() - t, 1))
     flops = training_flops(arch, method_for(method, arch, dim), 256, g * g, dim)
-    n = max(2 * bs, 16)
+    # 4 windows of one batch per epoch, read by up to 4 workers: the loader drains at each
+    # epoch's end (every 4 steps here, every ~5,000 on ImageNet), so the data wait
+    # measured is an upper bound
+    n = 4 * bs
     root = _loader_cache(args, n, g * g, dim)
-    workers = 1 if args.smoke else max(1, min(8, (os.cpu_count() or 2) - 2))
-    loader = CacheLoader(root, LoaderConfig(batch_size=bs, shuffle_buffer=2 * bs,
+    workers = 1 if args.smoke else max(1, min(4, _cores() - 2))
+    loader = CacheLoader(root, LoaderConfig(batch_size=bs, shuffle_buffer=bs,
                                             num_workers=workers))
 
     def cached_batches():
@@ -377,13 +411,14 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
     steps, warm = (2, 1) if args.smoke else (args.steps, 3)
     r = timed(cached_batches(), step, steps, warm, bs, args.seconds)
     res.put(cached_img_s=round(r["img_s"], 1), data_wait=round(r["wait"], 4),
-            train_gflops_per_image=round(flops / 1e9, 1),
-            **_mfu(args, r["img_s"] * flops / 1e12), **_peak_memory(torch, device))
+            steps_per_epoch=n // bs, train_gflops_per_image=round(flops / 1e9, 1),
+            **{f"cached_{k}": v for k, v in _mfu(args, r["img_s"] * flops / 1e12).items()},
+            **_peak_memory(torch, device))
     loader.close()
 
     teacher = teacher.to(device).eval()
     size = teacher_input_size(256)
-    files = make_pngs(args.dir / f"png-{n}-256", n, 256)
+    files = make_pngs(args.dir / f"png-{n}-256", n, 256, workers=_cores())
     dl = torch.utils.data.DataLoader(PngLatents(files, root), batch_size=bs, shuffle=True,
                                      num_workers=workers, drop_last=True,
                                      pin_memory=device.type == "cuda",
@@ -391,7 +426,8 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
 
     def online_batches():
         for img, moments, label in forever(dl):
-            yield img.to(device, non_blocking=True), moments.to(device), label.to(device)
+            yield (img.to(device, non_blocking=True), moments.to(device, non_blocking=True),
+                   label.to(device, non_blocking=True))
 
     def online_step(b):
         img, moments, label = b
@@ -421,25 +457,43 @@ def _child(name: str, args, out: Path, log: Path) -> None:
     RUN[name](args, Result(out))
 
 
-def run_phase(name: str, cap: float, args, scratch: Path) -> dict:
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (a phase's own: its DataLoader workers,
+    decode processes, Ray's raylet and workers, which start process groups of their own
+    but stay in the phase's session)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:   # the fields after the command's closing parenthesis; session is the 4th
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):   # gone meanwhile, or not ours
+            pass
+
+
+def run_phase(name: str, cap: float, args, logs: Path) -> dict:
     """Run one phase in a forked process (the imports are the parent's: seconds saved
-    per phase; the parent never touches CUDA), its process group killed at `cap`."""
+    per phase; the parent never touches CUDA), its whole session killed at `cap` (and
+    after it ends: nothing it started outlives it)."""
     import multiprocessing as mp
-    out, log = scratch / f"{name}.json", scratch / f"{name}.log"
+    out, log = logs / f"{name}.json", logs / f"{name}.log"
+    out.unlink(missing_ok=True)
     t = time.perf_counter()
     proc = mp.get_context("fork").Process(target=_child, args=(name, args, out, log))
     proc.start()
     proc.join(cap)
-    if proc.exitcode is None:
+    timed_out = proc.exitcode is None
+    _kill_session(proc.pid)
+    proc.join()
+    if timed_out:
         status = f"timed out at {cap:.3g} s"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.join()
+    elif proc.exitcode == 0:
+        status = "ok"
     else:
-        status = "ok" if proc.exitcode == 0 else f"failed (exit {proc.exitcode})"
-    data = json.loads(out.read_text()) if out.exists() else {}
-    if status.startswith("failed"):
         lines = log.read_text().strip().splitlines() if log.exists() else []
-        status += ": " + (lines[-1][:200] if lines else "no output")
+        status = f"failed (exit {proc.exitcode}): " + (lines[-1][:200] if lines else "no output")
+    data = json.loads(out.read_text()) if out.exists() else {}
     if status == "ok" and "skipped" in data:
         status = "not run: " + data.pop("skipped")
     return {"status": status, "seconds": round(time.perf_counter() - t, 1), **data}
@@ -459,6 +513,15 @@ def _preload() -> None:
     import train_step  # noqa: F401
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -468,50 +531,61 @@ def main() -> int:
     p.add_argument("--cap", action="append", default=[], metavar="PHASE=S",
                    help="another time cap for a phase (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="default: DIR/gpu_suite.json")
-    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "urepa-bench")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "urepa-bench",
+                   help="data, caches, and each phase's log in DIR/suite-logs")
+    p.add_argument("--seconds", type=_positive(float), default=None,
                    help="timed seconds per measurement (default 8, 1 with --smoke)")
-    p.add_argument("--steps", type=int, default=20, help="training steps per measurement")
-    p.add_argument("--encode-batch", type=int, default=None)
-    p.add_argument("--train-batch", type=int, default=None, help="default: probed")
-    p.add_argument("--jpegs", type=int, default=4096, help="JPEGs of the end-to-end phases")
+    p.add_argument("--steps", type=_positive(int), default=20,
+                   help="training steps per measurement")
+    p.add_argument("--encode-batch", type=_positive(int), default=None)
+    p.add_argument("--train-batch", type=_positive(int), default=None, help="default: probed")
+    p.add_argument("--jpegs", type=_positive(int), default=4096,
+                   help="JPEGs of the end-to-end phases")
     args = p.parse_args()
-    args.dir.mkdir(parents=True, exist_ok=True)
     if args.seconds is None:
         args.seconds = 1.0 if args.smoke else 8.0
     names = [n for n in args.phases.split(",") if n]
     unknown = [n for n in names if n not in PHASES]
-    if unknown:
-        p.error(f"--phases: unknown {unknown}; choose from {list(PHASES)}")
+    if unknown or not names or len(set(names)) < len(names):
+        p.error(f"--phases: {'unknown ' + str(unknown) if unknown else 'empty or repeated'}"
+                f"; choose from {list(PHASES)}")
     caps = {n: PHASES[n][1 if args.smoke else 0] for n in names}
     for item in args.cap:
-        n, _, s = item.partition("=")
-        if n not in PHASES or not s:
-            p.error(f"--cap {item!r}: expected PHASE=SECONDS with PHASE in {list(PHASES)}")
-        caps[n] = float(s)
+        n, _, text = item.partition("=")
+        try:
+            caps[n] = float(text) if n in PHASES and float(text) > 0 else None
+        except ValueError:
+            caps[n] = None
+        if caps[n] is None:
+            p.error(f"--cap {item!r}: expected PHASE=SECONDS (> 0) with PHASE in "
+                    f"{list(PHASES)}")
+    logs = args.dir / "suite-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = args.json or args.dir / "gpu_suite.json"
     _preload()
-    args.card_tflops, args.found_batch = None, {}
+    args.card_tflops, args.encode_img_s, args.found_batch = None, None, {}
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
               "python": platform.python_version(), "smoke": args.smoke, "phases": {}}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="urepa-suite-") as tmp:
-        for n in names:
-            left = args.budget - (time.perf_counter() - start)
-            cap = min(caps[n], left)
-            if left < 5:
-                report["phases"][n] = {"status": "not run: the budget was spent"}
-                continue
-            report["phases"][n] = run_phase(n, cap, args, Path(tmp))
-            args.card_tflops = report["phases"].get("card", {}).get("matmul_tflops")
-            if n in TRAIN and "batch" in report["phases"][n]:
-                args.found_batch[n] = report["phases"][n]["batch"]
-            print(f"{n:20s} {report['phases'][n]['status']} "
-                  f"({report['phases'][n]['seconds']} s)", flush=True)
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    out = args.json or args.dir / "gpu_suite.json"
-    out.write_text(json.dumps(report, indent=1))
+    for n in names:
+        left = args.budget - (time.perf_counter() - start)
+        if left < 5:
+            report["phases"][n] = {"status": "not run: the budget was spent"}
+        else:
+            r = report["phases"][n] = run_phase(n, min(caps[n], left), args, logs)
+            print(f"{n:20s} {r['status']} ({r['seconds']} s)", flush=True)
+            if n == "card":
+                args.card_tflops = r.get("matmul_tflops")
+            if n == "encode":
+                args.encode_img_s = r.get("img_s")
+            if n in TRAIN and "batch" in r:
+                args.found_batch[n] = r["batch"]
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        tmp = out.with_suffix(".tmp")   # after every phase: a kill from outside keeps them
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out)
     print_table(report)
-    print(f"written: {out}")
+    print(f"written: {out}; logs: {logs}")
     return 0 if all(v["status"] == "ok" or v["status"].startswith("not run: Ray")
                     for v in report["phases"].values()) else 1
 

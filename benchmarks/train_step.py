@@ -77,17 +77,28 @@ def training_flops(arch: str, method, resolution: int, tokens: int, dim: int) ->
     return 3 * counter.get_total_flops()  # forward + backward ~ 3x forward
 
 
-def make_pngs(root: Path, n: int, size: int) -> list[Path]:
-    """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts)."""
+def _write_pngs(files: list[Path], size: int) -> None:
     from PIL import Image
+    for f in files:  # smooth noise, so PNG compresses like a photo, roughly
+        small = np.random.default_rng([0, int(f.stem)]).integers(
+            0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC).save(f)
+
+
+def make_pngs(root: Path, n: int, size: int, workers: int = 1) -> list[Path]:
+    """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts),
+    written once (by `workers` processes) and reused."""
+    from concurrent.futures import ProcessPoolExecutor
     files = [root / f"{i:06d}.png" for i in range(n)]
     if not (root / f".{n}").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        for f in files:  # smooth noise, so PNG compresses like a photo, roughly
-            small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC).save(f)
+        parts = [files[k::max(1, workers)] for k in range(max(1, workers))]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_write_pngs, parts, [size] * len(parts)))
+        else:
+            _write_pngs(files, size)
         (root / f".{n}").touch()
     return files
 
@@ -329,7 +340,10 @@ def main() -> None:
 
     def online_batches():
         for img, moments, label in forever(dl):
-            yield img.to(device, non_blocking=True), moments.to(device), label.to(device)
+            # all non-blocking: a blocking copy would wait for the last step's GPU work
+            # and count it as data wait
+            yield (img.to(device, non_blocking=True), moments.to(device, non_blocking=True),
+                   label.to(device, non_blocking=True))
 
     def online_step(b):
         img, moments, label = b

@@ -31,18 +31,22 @@ def test_smoke_runs_every_phase(tmp_path):
                             "train-urepa-compile", "train-repa-compile"]
     bad = {n: r["status"] for n, r in phases.items() if r["status"] != "ok"}
     assert not bad, bad
-    assert phases["card"]["matmul_tflops"] > 0 and phases["card"]["copy_gbs"] > 0
-    assert phases["loader"]["equal"] is True and phases["loader"]["batches"] > 0
+    assert phases["card"]["matmul_tflops"] > 0 and phases["card"]["copy_read_write_gbs"] > 0
+    assert phases["loader"]["equal"] is True and phases["loader"]["batches"] == 24
+    assert phases["loader"]["pinned_buffers"] == 0   # no CUDA here: nothing to pin
     for name in ("encode", "encode-compile", "decode-encode"):
         assert phases[name]["img_s"] > 0, name
     assert phases["encode-compile"]["compile"] is True
     for name in ("train-urepa", "train-repa", "train-urepa-compile", "train-repa-compile"):
         r = phases[name]
         assert r["cached_img_s"] > 0 and r["online_img_s"] > 0 and 0 <= r["data_wait"] < 1
-        assert r["cached_over_online"] > 0 and r["mfu_measured_matmul"] > 0, (name, r)
+        assert r["cached_over_online"] > 0 and r["cached_mfu_measured_matmul"] > 0, (name, r)
     assert phases["train-urepa"]["arch"] == "sit-down-tiny/2"
     assert phases["train-repa"]["method"] == "repa"
     assert phases["pipeline"]["images"] == 16 and phases["pipeline"]["img_s_steady"] > 0
+    assert phases["decode-encode"]["cores_to_feed_encoder"] > 0
+    logs = tmp_path / "suite-logs"
+    assert sorted(p.stem for p in logs.glob("*.log")) == sorted(phases)
     text = p.stdout
     assert "phase" in text and "train-repa-compile" in text and "written:" in text
 
@@ -59,6 +63,9 @@ def test_a_phase_over_its_cap_is_killed_and_reported(tmp_path):
     assert phases["train-repa"]["batch"] == 4     # what it measured before the cap
     assert phases["encode"]["status"] == "timed out at 0.5 s"
     assert "timed out at 3 s" in p.stdout
+    # nothing the killed phases started is left running (their whole session is killed)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
     p, report = suite(tmp_path, "--phases", "card,encode", "--budget", "0")
     assert p.returncode == 1
     assert {r["status"] for r in report["phases"].values()} == {
@@ -68,8 +75,14 @@ def test_a_phase_over_its_cap_is_killed_and_reported(tmp_path):
 def test_bad_arguments_are_refused(tmp_path):
     p, _ = suite(tmp_path, "--phases", "card,trian")
     assert p.returncode == 2 and "unknown ['trian']" in p.stderr
-    p, _ = suite(tmp_path, "--cap", "card")
-    assert p.returncode == 2 and "PHASE=SECONDS" in p.stderr
+    for cap in ("card", "card=0", "card=-1", "card=abc", "nope=3"):
+        p, _ = suite(tmp_path, "--cap", cap)
+        assert p.returncode == 2 and "PHASE=SECONDS" in p.stderr, (cap, p.stderr)
+    for phases in ("", "card,card"):
+        p, _ = suite(tmp_path, "--phases", phases)
+        assert p.returncode == 2 and "empty or repeated" in p.stderr, (phases, p.stderr)
+    p, _ = suite(tmp_path, "--steps", "0")
+    assert p.returncode == 2 and "must be > 0" in p.stderr
 
 
 def test_shared_imports_leave_cuda_alone():
