@@ -54,17 +54,18 @@ def engine():
         pytest.skip("UREPA_CONTAINER_TESTS=0")
     if os.geteuid() != 0:
         pytest.skip("the container test runs as root (rootful podman, debootstrap)")
-    if not all(shutil.which(t) for t in ("podman", "runc", "debootstrap")):
+    tools = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "gpg": "gpg",
+             "curl": "curl", "dpkg-deb": "dpkg"}
+    missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
+    if missing:
         if not shutil.which("apt-get"):
-            pytest.skip("podman, runc or debootstrap missing and no apt-get to install them")
-        p = sh("apt-get", "install", "-y", "-q", "podman", "runc", "debootstrap",
-               check=False, timeout=900,
-               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if p.returncode != 0:   # stale package lists: once more after an update
+            pytest.skip(f"{missing} missing and no apt-get to install them")
+        install = ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", *missing]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        p = sh(*install, check=False, timeout=900, env=env)
+        if p.returncode != 0:   # no or stale package lists: once more after an update
             sh("apt-get", "update", "-q", check=False, timeout=600)
-            p = sh("apt-get", "install", "-y", "-q", "podman", "runc", "debootstrap",
-                   check=False, timeout=900,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            p = sh(*install, check=False, timeout=900, env=env)
         if p.returncode != 0:
             pytest.skip(f"cannot install podman here: {p.stderr.strip()[-300:]}")
     p = sh("curl", "-fsS", "-o", "/dev/null", "-m", "20",
@@ -73,6 +74,10 @@ def engine():
            check=False)
     if p.returncode or q.returncode:
         pytest.skip("Ubuntu's archive or PyPI cannot be reached: the image cannot be built")
+    free = shutil.disk_usage("/var/lib/containers" if Path("/var/lib/containers").exists()
+                             else "/var/lib").free
+    if free < 20 * 2**30:
+        pytest.skip(f"{free / 2**30:.0f} GiB free for podman's storage; the build needs ~20")
     return PODMAN
 
 
@@ -80,6 +85,9 @@ def engine():
 def image(engine):
     """The project's image, from docker/Dockerfile on the local Ubuntu base."""
     sh("sh", str(ROOT / "docker" / "local" / "base-image.sh"), BASE, timeout=1200)
+    ran = sh(*engine, "run", "--rm", "--network", "none", *LIMITS, BASE, "true", check=False)
+    if ran.returncode:
+        pytest.skip(f"podman cannot run a container here: {ran.stderr.strip()[-300:]}")
     t = time.perf_counter()
     certs = ["--volume", "/etc/ssl/certs:/host-certs:ro",
              "--build-arg", "PIP_CERT=/host-certs/ca-certificates.crt"] \
@@ -107,13 +115,37 @@ def done_shards(cache: Path) -> int:
 def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
     env = {"RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_SHM_SIZE": "2gb",
            "DATA_DIR": str(shared_dir(tmp_path / "data"))}
+    podman_env = {**os.environ, "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"]}   # by name only
     cache_root, hf, runs = (shared_dir(tmp_path / n) for n in ("cache", "hf", "runs"))
     volumes = {"urepa-cache": str(cache_root), "urepa-hf": str(hf)}
-    names = {"ray-head": "urepa-test-head", "ray-worker-cpu": "urepa-test-worker"}
+    names = {"ray-head": "urepa-test-head", "ray-worker-cpu": "urepa-test-worker",
+             "embedded": "urepa-test-embedded", "train": "urepa-test-train"}
 
     def start(service: str) -> None:
+        # one network namespace with nothing but loopback, the head's, shared by the
+        # worker: every Ray service listens on loopback only (Ray binds all interfaces and
+        # takes 127.0.0.1 for the host's address, so host networking would expose them)
+        network = "none" if service == "ray-head" else f"container:{names['ray-head']}"
         sh(*PODMAN, *compose_podman.run_args(service, name=names[service], env=env,
-                                             volumes=volumes, image=image, options=LIMITS))
+                                             volumes=volumes, image=image, options=LIMITS,
+                                             network=network),
+           env=podman_env)
+
+    def cluster_cpus() -> float:
+        p = sh(*PODMAN, "exec", names["ray-head"], "python", "-c",
+               "import ray; ray.init('auto', logging_level='ERROR'); "
+               "print(ray.cluster_resources().get('CPU', 0))", check=False)
+        try:
+            return float(p.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return 0.0
+
+    def wait_for_worker() -> None:
+        for _ in range(60):
+            if cluster_cpus() > 0:
+                return
+            time.sleep(2)
+        raise AssertionError("the worker never joined\n" + logs(names["ray-worker-cpu"]))
 
     def logs(name: str) -> str:
         return sh(*PODMAN, "logs", name, check=False).stdout[-2000:]
@@ -135,6 +167,7 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
         sh(*PODMAN, "run", "--rm", "--network", "none", *LIMITS, "-v",
            f"{env['DATA_DIR']}:/data", image, "python", "-c",
            "from pipeline.demo_data import ensure_demo_images; ensure_demo_images('/data')")
+        wait_for_worker()
         head_started = time.perf_counter() - t0
 
         job = subprocess.Popen(
@@ -148,16 +181,20 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
         killed_at = done_shards(cache)
         assert job.poll() is None, "the job ended before the worker could be killed:\n" + \
             job.stdout.read()[-3000:]
+        assert 2 <= killed_at < 20, killed_at   # mid-job: 20 shards in all
         sh(*PODMAN, "kill", names["ray-worker-cpu"])
         sh(*PODMAN, "rm", "-f", names["ray-worker-cpu"])
         start("ray-worker-cpu")
         try:
             out, _ = job.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:   # the driver runs in the head: stop it there
+            sh(*PODMAN, "exec", names["ray-head"], "pkill", "-f", "pipeline encode",
+               check=False)
             job.kill()
             out, _ = job.communicate()
         rerun = None
         if job.returncode != 0:   # a rerun of the same command resumes from done markers
+            wait_for_worker()
             rerun = sh(*PODMAN, "exec", names["ray-head"], "pipeline", "encode", *ENCODE,
                        "--out", "/cache/demo", "--address", "auto", check=False,
                        timeout=900)
@@ -168,15 +205,30 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
                    killed_at, "job_exit": job.returncode, "rerun": rerun is not None,
                    "job_tail": out.strip().splitlines()[-3:]}
         print(json.dumps(summary, indent=1))
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
         assert verify.returncode == 0, verify.stdout + verify.stderr
-    finally:
+        # every shard after the kill ran on the new worker (the head has no CPUs)
+        assert done_shards(cache) == 20
+        # and nothing of the cluster listened on the host's network
+        listening = sh("ss", "-ltnpH", check=False).stdout if shutil.which("ss") else ""
+        assert not [line for line in listening.splitlines()
+                    if "raylet" in line or "gcs_server" in line], listening
+
+        # the same images through embedded Ray in a fresh container of the same image
+        sh(*PODMAN, "run", "--rm", "--name", names["embedded"], "--network", "none",
+           "--shm-size", "2g", *LIMITS, "-v", f"{env['DATA_DIR']}:/data:ro",
+           "-v", f"{cache_root}:/cache", image,
+           "pipeline", "encode", *ENCODE, "--out", "/cache/embedded", timeout=900)
+        # a short training run inside the image, from the cluster's cache
+        sh(*PODMAN, "run", "--rm", "--name", names["train"], "--network", "none",
+           "--shm-size", "1g", *LIMITS, "-v", f"{cache_root}:/cache:ro",
+           "-v", f"{runs}:/runs", image, "train", "run", "configs/demo.yaml",
+           "data.cache=/cache/demo", "run_dir=/runs/t", "max_steps=6", "log_every=2",
+           "checkpoint_every=6", timeout=900)
+    finally:   # also what a timeout left running
         for n in names.values():
             sh(*PODMAN, "rm", "-f", n, check=False)
 
-    # the same images through embedded Ray in a fresh container of the same image
-    sh(*PODMAN, "run", "--rm", "--network", "host", "--shm-size", "2g", *LIMITS,
-       "-v", f"{env['DATA_DIR']}:/data:ro", "-v", f"{cache_root}:/cache", image,
-       "pipeline", "encode", *ENCODE, "--out", "/cache/embedded", timeout=900)
     from cache import open_cache
     a, b = open_cache(cache_root / "demo"), open_cache(cache_root / "embedded")
     assert a.spec == b.spec and a.num_valid == b.num_valid > 0
@@ -187,11 +239,7 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
     for name in fields:   # bit for bit: the same code, weights and torch on the same CPU
         np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
-    # a short training run inside the image, from the cluster's cache
-    sh(*PODMAN, "run", "--rm", "--network", "none", "--shm-size", "1g", *LIMITS,
-       "-v", f"{cache_root}:/cache:ro", "-v", f"{runs}:/runs", image,
-       "train", "run", "configs/demo.yaml", "data.cache=/cache/demo", "run_dir=/runs/t",
-       "max_steps=6", "log_every=2", "checkpoint_every=6", timeout=900)
+    assert "/cache/demo" in (runs / "t" / "config.yaml").read_text()
     steps = [json.loads(line)["step"] for line in
              (runs / "t" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and (runs / "t" / "checkpoints" / "step_00000006").is_dir()
