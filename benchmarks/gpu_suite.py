@@ -350,10 +350,10 @@ def _fill_batch(torch, device, try_step, smoke: bool) -> int:
 
 def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
     torch, device = _setup(args)
-    from train_step import (PngLatents, forever, make_pngs, method_for, teacher_tokens,
+    from train_step import (forever, make_pngs, method_for, online_path, optimizer_step,
                             timed, training_flops)
     from cache import CacheLoader, LoaderConfig
-    from pipeline.encoders import build_teacher, teacher_input_size, token_grid
+    from pipeline.encoders import build_teacher, token_grid
     from train.models import build_model
     from train.step import Student
     arch, method, tiny = TRAIN[name]
@@ -370,13 +370,7 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
         student.net.compile()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
-    def step(batch):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = student(batch)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = optimizer_step(student, opt, device, dtype)
 
     def try_step(b: int) -> bool:
         try:
@@ -416,24 +410,10 @@ def phase_train(args, res: Result, name: str, compile: bool = False) -> None:
             **_peak_memory(torch, device))
     loader.close()
 
-    teacher = teacher.to(device).eval()
-    size = teacher_input_size(256)
     files = make_pngs(args.dir / f"png-{n}-256", n, 256, workers=_cores())
-    dl = torch.utils.data.DataLoader(PngLatents(files, root), batch_size=bs, shuffle=True,
-                                     num_workers=workers, drop_last=True,
-                                     pin_memory=device.type == "cuda",
-                                     persistent_workers=True)
-
-    def online_batches():
-        for img, moments, label in forever(dl):
-            yield (img.to(device, non_blocking=True), moments.to(device, non_blocking=True),
-                   label.to(device, non_blocking=True))
-
-    def online_step(b):
-        img, moments, label = b
-        step({"moments": moments, "label": label,
-              "tokens": teacher_tokens(teacher, img, size, dtype)})
-    o = timed(online_batches(), online_step, steps, warm, bs, args.seconds)
+    batches, online_step = online_path(files, root, teacher.to(device).eval(), step, device,
+                                       dtype, bs, workers, 256)
+    o = timed(batches, online_step, steps, warm, bs, args.seconds)
     res.put(online_img_s=round(o["img_s"], 1), online_data_wait=round(o["wait"], 4),
             cached_over_online=round(r["img_s"] / o["img_s"], 3))
 

@@ -164,6 +164,43 @@ def run(name: str, batches, step, n_steps: int, warmup: int, batch_size: int) ->
     return r
 
 
+def optimizer_step(student, opt, device, dtype):
+    """One training step on a batch dict: autocast forward, backward, clip at 1, AdamW."""
+    def step(batch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = student(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def online_path(files: list[Path], cache: Path, teacher, step, device, dtype,
+                batch_size: int, workers: int, resolution: int):
+    """REPA's path: (batches, step_fn). A DataLoader of decoded PNGs with the stored
+    moments and labels, and a step that runs the frozen teacher on the images, then
+    `step` on {moments, label, tokens}."""
+    size = teacher_input_size(resolution)
+    dl = torch.utils.data.DataLoader(PngLatents(files, cache), batch_size=batch_size,
+                                     shuffle=True, num_workers=workers, drop_last=True,
+                                     pin_memory=device.type == "cuda",
+                                     persistent_workers=workers > 0)
+
+    def batches():
+        for img, moments, label in forever(dl):
+            # all non-blocking: a blocking copy would wait for the last step's GPU work
+            # and count it as data wait
+            yield (img.to(device, non_blocking=True), moments.to(device, non_blocking=True),
+                   label.to(device, non_blocking=True))
+
+    def online_step(b):
+        img, moments, label = b
+        step({"moments": moments, "label": label,
+              "tokens": teacher_tokens(teacher, img, size, dtype)})
+    return batches(), online_step
+
+
 def haste_map(arch: str) -> tuple[list[int], list[int]]:
     """HASTE's layer map for a backbone (0-indexed teacher -> student blocks): B's for the
     B-sized ones, L/XL's otherwise."""
@@ -310,14 +347,7 @@ def main() -> None:
         return s, torch.optim.AdamW(s.parameters(), lr=1e-4)
 
     def make_step(student, opt):
-        def step(batch):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = student(batch)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        return optimizer_step(student, opt, device, dtype)
 
     # ---- cached: the trainer's loader, teacher tokens from the cache
     student, opt = new_student()
@@ -331,25 +361,10 @@ def main() -> None:
 
     # ---- online: decoded PNGs + the frozen teacher every step (REPA)
     student, opt = new_student()
-    teacher = teacher.to(device)
-    size = teacher_input_size(args.resolution)
-    dl = torch.utils.data.DataLoader(PngLatents(files, cache), batch_size=bs, shuffle=True,
-                                     num_workers=workers, drop_last=True, pin_memory=cuda,
-                                     persistent_workers=workers > 0)
-    train_step = make_step(student, opt)
-
-    def online_batches():
-        for img, moments, label in forever(dl):
-            # all non-blocking: a blocking copy would wait for the last step's GPU work
-            # and count it as data wait
-            yield (img.to(device, non_blocking=True), moments.to(device, non_blocking=True),
-                   label.to(device, non_blocking=True))
-
-    def online_step(b):
-        img, moments, label = b
-        train_step({"moments": moments, "label": label,
-                    "tokens": teacher_tokens(teacher, img, size, dtype)})
-    online = run("online", online_batches(), online_step, n_steps, args.warmup, bs)
+    online_batches, online_step = online_path(files, cache, teacher.to(device),
+                                              make_step(student, opt), device, dtype, bs,
+                                              workers, args.resolution)
+    online = run("online", online_batches, online_step, n_steps, args.warmup, bs)
 
     print(f"cached/online: {cached['img_s'] / online['img_s']:.2f}x images/s")
     train_flops = training_flops(args.arch, urepa(args.arch, dim), args.resolution, g * g, dim)
