@@ -10,7 +10,8 @@ py=${PYTHON:-.venv/bin/python}
 pins=$("$py" - <<'PY'
 import importlib.metadata as m
 names = ["zarr", "numcodecs", "donfig", "google-crc32c", "msgspec", "diffusers",
-         "importlib-metadata", "lazy-importer", "webdataset", "braceexpand"]
+         "importlib-metadata", "lazy-importer", "webdataset", "braceexpand",
+         "typing-extensions"]
 print(" ".join(f"{n}=={m.version(n)}" for n in names))
 PY
 )
