@@ -4,10 +4,15 @@ derived from docker/compose.yaml, `pipeline encode --address auto` inside it, th
 killed mid-job and replaced; the cache verifies and equals an embedded-Ray encode in the
 same image; then a short `train run` in the image from that cache.
 
-Needs root, podman (runc), debootstrap and the package archives (Ubuntu's, PyPI); where
-podman is missing, root with apt-get installs it. Skipped where any of that is missing,
-or with UREPA_CONTAINER_TESTS=0. The first run builds the image (~10 minutes on 2 cores,
-most of it installing torch); later runs reuse podman's layer cache.
+The cluster shares one network namespace with nothing but loopback (head `--network
+none`, worker `--network container:<head>`): no bridge network, and nothing of Ray
+listens on the host (docker/README.md says why host networking does not do that).
+
+Needs root, podman (runc), debootstrap, gpg, curl and the package archives (Ubuntu's,
+PyPI); root with apt-get installs the tools where missing. Skipped where any of that is
+missing, where podman cannot run a container, with under 20 GiB free, or with
+UREPA_CONTAINER_TESTS=0. The first run builds the image (~10 minutes on 2 cores, most of
+it installing torch); later runs reuse podman's layer cache (~3 minutes in all).
 """
 
 from __future__ import annotations
