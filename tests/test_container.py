@@ -155,7 +155,7 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
     def logs(name: str) -> str:
         return sh(*PODMAN, "logs", name, check=False).stdout[-2000:]
 
-    for n in names.values():
+    for n in reversed(names.values()):   # workers first: they use the head's network
         sh(*PODMAN, "rm", "-f", n, check=False)
     try:
         t0 = time.perf_counter()
@@ -231,7 +231,7 @@ def test_compose_cluster_survives_a_killed_worker(image, tmp_path):
            "data.cache=/cache/demo", "run_dir=/runs/t", "max_steps=6", "log_every=2",
            "checkpoint_every=6", timeout=900)
     finally:   # also what a timeout left running
-        for n in names.values():
+        for n in reversed(names.values()):   # workers first: they use the head's network
             sh(*PODMAN, "rm", "-f", n, check=False)
 
     from cache import open_cache
