@@ -17,6 +17,19 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def in_processes(fn, items: list, workers: int, *args) -> None:
+    """fn(share, *args) for `workers` round-robin shares of `items`, each in a process of
+    its own (inline for one worker)."""
+    from concurrent.futures import ProcessPoolExecutor
+    workers = max(1, min(workers, len(items)))
+    shares = [items[k::workers] for k in range(workers)]
+    if workers == 1:
+        fn(items, *args)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(fn, shares, *([a] * workers for a in args)))
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import peak_tflops, sync  # noqa: E402
+from common import in_processes, peak_tflops, sync  # noqa: E402
 from pipeline.demo_data import demo_image  # noqa: E402
 from pipeline.encoders import Encoder, build_teacher, build_vae  # noqa: E402
 from pipeline.job import EncodeConfig, run_encode  # noqa: E402
@@ -47,7 +47,7 @@ GFLOPS_PER_IMAGE = {"real": 272.7 + 46.3}
 MODELS = {"real": ("stabilityai/sd-vae-ft-mse", "dinov2-b"), "tiny": ("tiny", "dinov2-tiny")}
 
 
-def _write_jpegs(root: Path, indices: range) -> None:
+def _write_jpegs(indices: list[int], root: Path) -> None:
     from PIL import Image
     for i in indices:
         rng = np.random.default_rng([0, i])
@@ -59,19 +59,13 @@ def _write_jpegs(root: Path, indices: range) -> None:
 def make_jpegs(root: Path, n: int, workers: int = 1) -> Path:
     """n ImageNet-like JPEGs (400-500 px sides, quality 90) in 10 class folders, written
     once (by `workers` processes) and reused."""
-    from concurrent.futures import ProcessPoolExecutor
     done = root / f".{n}"
     if done.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     for c in range(min(n, 10)):
         (root / f"n{c:08d}").mkdir(parents=True)
-    parts = [range(k, n, max(1, workers)) for k in range(max(1, workers))]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_jpegs, [root] * len(parts), parts))
-    else:
-        _write_jpegs(root, parts[0])
+    in_processes(_write_jpegs, list(range(n)), workers, root)
     done.touch()
     return root
 

@@ -51,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-ENCODE_GFLOPS = 272.7 + 46.3   # SD-VAE encoder + DINOv2-B/14 at 256 px (methods.md 7)
+from cache.loader import _cores  # noqa: E402  (the cores this process may run on)
+
 TRAIN = {"train-urepa": ("sit-down-xl/2", "urepa", "sit-down-tiny/2"),
          "train-repa": ("sit-xl/2", "repa", "sit-tiny/2")}
 # name: (cap in seconds on a GPU, cap with --smoke)
@@ -62,11 +63,6 @@ PHASES: dict[str, tuple[float, float]] = {
     "encode-compile": (150, 90), "train-urepa-compile": (150, 90),
     "train-repa-compile": (150, 90),
 }
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container may see the host's others)."""
-    return len(os.sched_getaffinity(0))
 
 
 class Result:
@@ -193,10 +189,15 @@ def phase_loader(args, res: Result) -> None:
         raise SystemExit("the pinned worker path gave other bytes than the in-process loader")
 
 
+def _models(args) -> tuple[str, str]:
+    """(VAE, teacher) of benchmarks/encode.py: the real architectures, tiny with --smoke."""
+    from encode import MODELS
+    return MODELS["tiny" if args.smoke else "real"]
+
+
 def _encoder(args, device, compile: bool):
     from pipeline.encoders import Encoder, build_teacher, build_vae
-    vae, teacher = ("tiny", "dinov2-tiny") if args.smoke else ("stabilityai/sd-vae-ft-mse",
-                                                               "dinov2-b")
+    vae, teacher = _models(args)
     return Encoder(build_vae(vae, random_weights=True),
                    build_teacher(teacher, resolution=256, random_weights=True),
                    resolution=256, device=device, precision="fp32" if args.smoke else "bf16",
@@ -223,6 +224,7 @@ def _peak_memory(torch, device) -> dict:
 def phase_encode(args, res: Result, compile: bool = False) -> None:
     torch, device = _setup(args)
     import numpy as np
+    from encode import GFLOPS_PER_IMAGE
     t = time.perf_counter()
     enc = _encoder(args, device, compile)
     bs = enc.batch_size
@@ -239,7 +241,7 @@ def phase_encode(args, res: Result, compile: bool = False) -> None:
         torch.cuda.synchronize()
     rate = done / (time.perf_counter() - t)
     res.put(img_s=round(rate, 1), images=done, **_peak_memory(torch, device),
-            **({} if args.smoke else _mfu(args, rate * ENCODE_GFLOPS / 1e3)))
+            **({} if args.smoke else _mfu(args, rate * GFLOPS_PER_IMAGE["real"] / 1e3)))
 
 
 def _jpegs(args) -> Path:
@@ -277,19 +279,15 @@ def phase_decode_encode(args, res: Result) -> None:
     chunks = [(items[k:k + chunk], 256) for k in range(0, len(items), chunk)]
     done, pending, t = 0, [], None
     with ProcessPoolExecutor(cores) as pool:
-        for images, failed in pool.map(_decode_shard, chunks):   # in order, read ahead
+        decoded = pool.map(_decode_shard, chunks)   # in order, read ahead
+        for last, (images, _) in enumerate(decoded, 1 - len(chunks)):
             if t is None:
                 t, first = time.perf_counter(), len(images)
             pending.append(images)
-            if sum(len(p) for p in pending) >= bs:
-                batch = np.concatenate(pending)
+            if sum(len(p) for p in pending) >= bs or last == 0:   # a batch, or the rest
+                enc.encode(np.concatenate(pending))
+                done += sum(len(p) for p in pending)
                 pending = []
-                enc.encode(batch)
-                done += len(batch)
-        if pending:
-            batch = np.concatenate(pending)
-            enc.encode(batch)
-            done += len(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
     rate = (done - first) / max(time.perf_counter() - t, 1e-9)
@@ -308,10 +306,10 @@ def phase_pipeline(args, res: Result) -> None:
     out = args.dir / "suite-pipeline-cache"
     shutil.rmtree(out, ignore_errors=True)
     smoke = args.smoke
+    vae, teacher = _models(args)
     summary = run_encode(EncodeConfig(
         out=str(out), dataset="imagefolder", data_dir=str(data), resolution=256,
-        vae="tiny" if smoke else "stabilityai/sd-vae-ft-mse",
-        teacher="dinov2-tiny" if smoke else "dinov2-b", random_weights=True,
+        vae=vae, teacher=teacher, random_weights=True,
         shard_size=8 if smoke else 1024, batch_size=4 if smoke else 256, progress=False,
         num_gpus=0 if device.type == "cpu" else None,
         num_cpus=max(2, _cores()) if smoke else None), log=lambda s: None)

@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import peak_tflops, sync  # noqa: E402
+from common import in_processes, peak_tflops, sync  # noqa: E402
 from cache import CacheLoader, CacheSpec, LoaderConfig, open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from pipeline.encoders import (IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher,  # noqa: E402
@@ -88,17 +88,11 @@ def _write_pngs(files: list[Path], size: int) -> None:
 def make_pngs(root: Path, n: int, size: int, workers: int = 1) -> list[Path]:
     """REPA's dataset: ADM-cropped 256 px PNGs (random content: decode cost is what counts),
     written once (by `workers` processes) and reused."""
-    from concurrent.futures import ProcessPoolExecutor
     files = [root / f"{i:06d}.png" for i in range(n)]
     if not (root / f".{n}").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        parts = [files[k::max(1, workers)] for k in range(max(1, workers))]
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                list(pool.map(_write_pngs, parts, [size] * len(parts)))
-        else:
-            _write_pngs(files, size)
+        in_processes(_write_pngs, files, workers, size)
         (root / f".{n}").touch()
     return files
 
@@ -346,9 +340,6 @@ def main() -> None:
             s.net.compile()
         return s, torch.optim.AdamW(s.parameters(), lr=1e-4)
 
-    def make_step(student, opt):
-        return optimizer_step(student, opt, device, dtype)
-
     # ---- cached: the trainer's loader, teacher tokens from the cache
     student, opt = new_student()
     loader = CacheLoader(cache, LoaderConfig(batch_size=bs, shuffle_buffer=2 * bs,
@@ -357,12 +348,14 @@ def main() -> None:
     def cached_batches():
         for b in forever(loader):
             yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
-    cached = run("cached", cached_batches(), make_step(student, opt), n_steps, args.warmup, bs)
+    cached = run("cached", cached_batches(), optimizer_step(student, opt, device, dtype),
+                 n_steps, args.warmup, bs)
 
     # ---- online: decoded PNGs + the frozen teacher every step (REPA)
     student, opt = new_student()
     online_batches, online_step = online_path(files, cache, teacher.to(device),
-                                              make_step(student, opt), device, dtype, bs,
+                                              optimizer_step(student, opt, device, dtype),
+                                              device, dtype, bs,
                                               workers, args.resolution)
     online = run("online", online_batches, online_step, n_steps, args.warmup, bs)
 
