@@ -17,8 +17,8 @@ one epoch of batches of 256 (block shuffle + shuffle buffer) in three modes:
 
 Limits, measured in the same run: warm modes against a plain memcpy of the same bytes,
 sample by sample into a reused batch buffer (what any loader must at least do), taking
-turns with the readers; cold against a sequential read of the same files after dropping them (what the
-disk gives a `cat`). The peer ("safetensors") reads each sample from its shard with
+turns with the readers; cold against a sequential read of the same files after dropping
+them (what the disk gives a `cat`). The peer ("safetensors") reads each sample from its shard with
 safetensors' safe_open (LightningDiT-style latents) and batches with DataLoader's default
 collate. Every figure is the median of --repeats runs, with the spread (min-max).
 

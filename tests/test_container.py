@@ -113,7 +113,8 @@ def shared_dir(path: Path) -> Path:
 
 
 def done_shards(cache: Path) -> int:
-    return len(list(cache.glob("_done/*/*.json"))) if cache.exists() else 0
+    from cache.format import done_shards as done
+    return len(done(cache, "zarr"))
 
 
 @pytest.mark.timeout(3600)   # the first run builds the image
