@@ -144,6 +144,7 @@ class _Task:
     indices: np.ndarray  # global indices in output order
     views: np.ndarray | None  # chosen view per sample (view="random" with 2 views)
     slot: int | None = None  # the shared window buffer a worker gathers into (cache/shm.py)
+    then: np.ndarray | None = None  # the window the same process fetches next: read ahead
 
 
 class _BufferPool:
@@ -240,14 +241,14 @@ class _WindowFetcher(Dataset):
         if task.slot is not None:
             writer = SlotWriter(self.slots.worker_array(task.slot))
             raw = self.ds.gather(task.indices, self.in_place, alloc=writer.alloc,
-                                 threads=self.threads)
+                                 threads=self.threads, then=task.then)
             rest = [f for f in self.read_fields if f not in raw]  # computed, then copied
             if rest:
                 raw.update(self.ds.gather(task.indices, rest, alloc=self.pool,
-                                          threads=self.threads))
+                                          threads=self.threads, then=task.then))
         else:
             raw = self.ds.gather(task.indices, self.read_fields, alloc=self.pool,
-                                 threads=self.threads)
+                                 threads=self.threads, then=task.then)
         out: dict[str, Any] = {}
         for name, a in raw.items():
             if name in _VIEW_FIELDS and self.cfg.view != "all":
@@ -414,7 +415,11 @@ class CacheLoader:
                     0, self.ds.spec.views, len(p[w])).astype(np.int64)
                     for s, p in zip(self.own, plans)])
             tasks.append(_Task(merge([p[w] for p in plans]), views))
-        return tasks
+        # window w is fetched by worker w % num_workers (or in process): it reads ahead
+        # the next window that process fetches, while it copies and hands out this one
+        step = max(1, self.cfg.num_workers)
+        return [dataclasses.replace(t, then=tasks[w + step].indices)
+                if w + step < len(tasks) else t for w, t in enumerate(tasks)]
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (the same for every epoch)."""

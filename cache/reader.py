@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .format import (INDEX, KEY, LABEL, SCALES, CacheSpec, DamagedCacheError,
-                     FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards, latent_channel_stats,
-                     read_done_marker, read_manifest)
+from . import prefault
+from .format import (INDEX, KEY, LABEL, SCALES, CacheError, CacheSpec, DamagedCacheError,
+                     FailedSampleError, IncompleteCacheError, dataset_sha256, done_shards,
+                     latent_channel_stats, read_done_marker, read_manifest)
 from .markers import check_marker, expected_files, file_digest, load_marker
 from .quant import dequantize_tokens
 from .store import Store
@@ -27,6 +29,18 @@ from .wds_backend import WdsReader
 from .zarr_backend import ZarrReader, metadata_problems
 
 READERS = {"zarr": ZarrReader, "wds": WdsReader}
+
+
+def _runs(indices: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]],
+                                        list[tuple[int, int]]]:
+    """(the order that sorts `indices`, the runs of consecutive indices as positions
+    [a, b) in that order, and as index ranges [lo, hi))."""
+    order = np.argsort(indices, kind="stable")
+    ordered = indices[order]
+    cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
+    runs = list(zip(np.concatenate([[0], cuts]).tolist(),
+                    np.concatenate([cuts, [len(ordered)]]).tolist()))
+    return order, runs, [(int(ordered[a]), int(ordered[b - 1]) + 1) for a, b in runs]
 
 
 def _copy(copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -137,6 +151,8 @@ class CacheDataset:
         self.valid_indices = valid[~np.isin(valid, np.fromiter(self.failures, np.int64))]
         self._reader = None
         self._copier: tuple[int, ThreadPoolExecutor] | None = None  # gather(threads=)
+        self._ahead: tuple[int, ThreadPoolExecutor] | None = None  # gather's read-ahead
+        self._later = threading.Event()  # set: drop the read-ahead of a next gather
 
     def _marker(self, shard: int) -> dict[str, Any]:
         """The shard's done marker, checked once (DamagedCacheError if it is not sound,
@@ -171,7 +187,11 @@ class CacheDataset:
         return self._reader
 
     def __getstate__(self) -> dict:  # never pickle open files, mmaps or threads
-        return {**self.__dict__, "_reader": None, "_copier": None}
+        return {**self.__dict__, "_reader": None, "_copier": None, "_ahead": None,
+                "_later": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _later=threading.Event())
 
     def __len__(self) -> int:
         return self.spec.num_samples
@@ -213,41 +233,94 @@ class CacheDataset:
 
     def gather(self, indices: np.ndarray, fields: Sequence[str],
                alloc: Callable[[tuple[int, ...], str], np.ndarray] = np.empty,
-               threads: int = 1) -> dict[str, np.ndarray]:
+               threads: int = 1, then: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Stored arrays of `fields` for `indices` (any order, no duplicates, all
         available), in the order given. Reads each run of consecutive indices once and
         copies each row once, from the backend straight into arrays made by `alloc`.
-        With `threads` > 1 the copies (numpy releases the GIL in them) are shared among
-        that many threads once the pieces are located, which is all Python work."""
+
+        Runs are taken in index order (file order), every field of a run before the next
+        run. A read-ahead thread asks the kernel for the bytes of the runs not read yet, in
+        that order and without the GIL (cache/prefault.py), while this thread locates and
+        checks each run and its copies start: with `threads` > 1 on a pool of that many
+        threads (numpy releases the GIL in them), else here, run by run. `then`: the
+        indices the caller will gather next (the same fields), read ahead in the
+        background once these are, so the disk stays busy while these are copied and used."""
         indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) == 0:
-            return {name: alloc((0, *self.spec.fields[name].shape), self.spec.fields[name].dtype)
-                    for name in fields}
-        order = np.argsort(indices, kind="stable")
-        sorted_idx = indices[order]
-        cuts = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
-        starts = np.concatenate([[0], cuts])
-        stops = np.concatenate([cuts, [len(sorted_idx)]])
-        out, copies = {}, []
         for name in fields:
-            f = self.spec.fields[name]
-            if f.dtype == "str":
+            if self.spec.fields[name].dtype == "str":
                 raise ValueError(f"gather() reads numeric fields; use keys() for {name!r}")
-            arr = out[name] = alloc((len(indices), *f.shape), f.dtype)
-            for a, b in zip(starts, stops):
-                pos = a
-                for piece in self.reader.pieces(name, int(sorted_idx[a]),
-                                                int(sorted_idx[b - 1]) + 1):
-                    copies.append((arr, order[pos:pos + len(piece)], piece))
-                    pos += len(piece)
-        if threads > 1 and len(copies) > 1:
-            if self._copier is None or self._copier[0] != threads:
-                self._copier = (threads, ThreadPoolExecutor(threads,
-                                                            thread_name_prefix="urepa-copy"))
-            list(self._copier[1].map(_copy, [copies[t::threads] for t in range(threads)]))
-        else:
-            _copy(copies)
+        out = {name: alloc((len(indices), *self.spec.fields[name].shape),
+                           self.spec.fields[name].dtype) for name in fields}
+        if len(indices) == 0:
+            return out
+        order, runs, bounds = _runs(indices)
+        reader = self.reader
+        stop, ahead = threading.Event(), None
+        pool = self._pool("_copier", threads) if threads > 1 else None
+        # Copies start as runs are checked while this thread waits for reads (runs read
+        # for the first time by this reader); else they wait until all runs are located
+        # and go in `threads` jobs: each job started early costs the locating thread the
+        # GIL, a 20% loss on warm windows
+        per_job = max(1, len(runs) // (4 * threads))
+        first_reads = reader.first_reads
+        jobs, copies = [], []  # copies: per run, those of each field
+        try:
+            ahead = self._read_ahead(bounds, fields, stop)
+            streaming = ahead is not None
+            if then is not None and len(then):
+                try:  # planned by the caller: what is wrong with it is reported when gathered
+                    self._read_ahead(_runs(np.asarray(then, dtype=np.int64))[2], fields,
+                                     self._later)
+                except (CacheError, OSError, ValueError, IndexError):
+                    pass
+            for r, ((a, _), (lo, hi)) in enumerate(zip(runs, bounds)):
+                copies.append([])
+                for name in fields:
+                    pos = a
+                    for piece in reader.pieces(name, lo, hi):
+                        copies[-1].append((out[name], order[pos:pos + len(piece)], piece))
+                        pos += len(piece)
+                streaming = streaming or reader.first_reads != first_reads
+                if pool is None:
+                    _copy(copies.pop())
+                elif streaming and ((r + 1) % per_job == 0 or r == len(runs) - 1):
+                    jobs.append(pool.submit(_copy, [c for run in copies for c in run]))
+                    copies = []
+            if copies:  # runs dealt round-robin: the threads get alike shares of each field
+                jobs += [pool.submit(_copy, [c for run in copies[t::threads] for c in run])
+                         for t in range(threads)]
+        except BaseException:
+            self._later.set()  # and no read-ahead of what comes next
+            self._later = threading.Event()
+            raise
+        finally:  # no copy or read-ahead of these still at work once this returns
+            stop.set()
+            for job in jobs + ([ahead] if ahead else []):
+                job.exception()
+        for job in jobs:
+            job.result()
         return out
+
+    def _read_ahead(self, bounds: list[tuple[int, int]], fields: Sequence[str],
+                    stop: threading.Event) -> Future | None:
+        """Start reading the bytes of `fields` in the runs `bounds` that no read-ahead
+        was asked for yet, on this dataset's read-ahead thread (after what it was given
+        before), until `stop` is set."""
+        if not prefault.available():
+            return None
+        spans = prefault.merged([s for lo, hi in bounds for name in fields
+                                 for s in self.reader.spans(name, lo, hi)])
+        return self._pool("_ahead", 1).submit(prefault.populate, spans, stop) if spans \
+            else None
+
+    def _pool(self, attr: str, threads: int) -> ThreadPoolExecutor:
+        """This dataset's thread pool `attr` with `threads` threads (made on first use,
+        and anew in each process: pools are not pickled)."""
+        held = getattr(self, attr)
+        if held is None or held[0] != threads:
+            held = (threads, ThreadPoolExecutor(threads, thread_name_prefix=f"urepa{attr}"))
+            setattr(self, attr, held)
+        return held[1]
 
     # --------------------------------------------------------------- verify & stats
     def verify(self, backends: Sequence[str] | None = None,

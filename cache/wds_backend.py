@@ -32,6 +32,7 @@ import numpy as np
 import webdataset as wds
 
 from .format import INDEX, KEY, LABEL, CacheSpec, DamagedCacheError
+from .prefault import Mapping, Span, populate
 from .store import ShardFiles, Store
 from .tensors import read_npy_header
 
@@ -147,6 +148,8 @@ class _MappedTar:
                                     "on the cache") from None
         self.views: dict[str, tuple | None] = {}  # by WdsReader._rows
         self.npy_unchecked: dict[str, np.ndarray] = {}  # by WdsReader._same_npy
+        self.mapping: Mapping | None = None  # by WdsReader.spans
+        self.ahead: dict[str, np.ndarray] = {}  # members handed to a read-ahead, per ext
         self._unchecked: dict[str, np.ndarray] = {}  # rows whose header is yet to be checked
         if not self._index_by_stride():
             self._index_by_walk()
@@ -169,6 +172,7 @@ class _MappedTar:
                                   np.int64) for e in exts}
         self.views.clear()
         self.npy_unchecked.clear()
+        self.ahead.clear()
         self._unchecked = {}
 
     def _index_by_stride(self) -> bool:
@@ -308,6 +312,8 @@ class WdsReader:
             self._fetched = ShardFiles(self.store)
             self._max_open = remote_shards or int(os.environ.get("UREPA_REMOTE_SHARDS", 4))
         self._headers: dict[bytes, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self._read: set[tuple[int, str]] = set()  # (shard, ext) all handed to read-ahead
+        self.first_reads = 0  # checks of members read for the first time (maybe on disk)
 
     def _tar(self, shard: int) -> _MappedTar:
         t = self._tars.get(shard)
@@ -340,6 +346,12 @@ class WdsReader:
         checked = self._checked.setdefault((shard, ext), np.zeros(len(tar.keys), bool))
         if checked[row:row + len(offs)].all():
             return
+        self.first_reads += 1
+        if tar.mapping is None:
+            tar.mapping = Mapping(tar.buf)
+        # wait for the bytes without the GIL (a read-ahead may be reading them), not in
+        # page faults inside the checksums
+        populate([tar.mapping.span(o, s) for o, s in zip(offs.tolist(), sizes.tolist())])
         data = np.frombuffer(tar.buf, np.uint8)
         for j, (o, s) in enumerate(zip(offs.tolist(), sizes.tolist())):
             if want is None or google_crc32c.value(data[o:o + s]) != want[row + j]:
@@ -361,6 +373,36 @@ class WdsReader:
                 raise ValueError("fortran-ordered .npy members are not written by this cache")
             hit = self._headers[head] = (f.tell(), dtype, shape)
         return hit
+
+    def spans(self, name: str, start: int, stop: int) -> list[Span]:
+        """The mapped bytes of the `name` members of samples [start, stop) that no
+        read-ahead was asked for yet (prefault.populate), in file order. Nothing is
+        checked here: `pieces` checks what it reads (and reports what is missing)."""
+        if name == INDEX or self._fetched is not None:
+            return []
+        S, out, ext = self.spec.shard_size, [], member_ext(name)
+        while start < stop:
+            end = min(stop, (start // S + 1) * S)
+            if (start // S, ext) in self._read:
+                start = end
+                continue
+            tar = self._tar(start // S)
+            offs, sizes = tar.offsets.get(ext), tar.sizes.get(ext)
+            p = int(np.searchsorted(tar.keys, start))
+            if offs is not None and p < len(tar.keys) and tar.keys[p] == start:
+                q = min(p + end - start, len(offs))
+                ahead = tar.ahead.setdefault(ext, np.zeros(len(offs), dtype=bool))
+                if tar.mapping is None:
+                    tar.mapping = Mapping(tar.buf)
+                for r in np.flatnonzero(~ahead[p:q]).tolist():
+                    span = tar.mapping.span(int(offs[p + r]), int(sizes[p + r]))
+                    if span is not None:
+                        out.append(span)
+                ahead[p:q] = True
+                if ahead.all():
+                    self._read.add((start // S, ext))
+            start = end
+        return out
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         """Rows [start, stop) of field `name`. Members of consecutive samples written by

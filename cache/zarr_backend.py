@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 
 from .format import KEY, CacheSpec, DamagedCacheError, FieldSpec
+from .prefault import Mapping, Span, populate
 from .store import Store
 
 GROUP = "zarr"
@@ -188,6 +189,26 @@ class _MappedShard:
         self.field, self.chunk_size = field, chunk_size
         self._index_list = self.index.tolist()
         self._rows: list[np.ndarray | None] = [None] * n_chunks  # chunks checked and viewed
+        self._mapping: Mapping | None = None
+        self._ahead = np.zeros(n_chunks, dtype=bool)  # chunks handed to a read-ahead
+
+    def span(self, chunk: int) -> Span | None:
+        """The stored bytes of inner chunk `chunk` for a read-ahead, the first time they
+        are asked for (None after that, and for a chunk never written or not in the file:
+        `rows` reports those)."""
+        if self._ahead[chunk]:
+            return None
+        self._ahead[chunk] = True
+        offset, nbytes = self._index_list[chunk]
+        if offset == _EMPTY or self._rows[chunk] is not None:
+            return None
+        return self.mapping.span(offset, nbytes)
+
+    @property
+    def mapping(self) -> Mapping:
+        if self._mapping is None:
+            self._mapping = Mapping(self.buf)
+        return self._mapping
 
     def rows(self, chunk: int) -> np.ndarray:
         """The rows of inner chunk `chunk` (a view of the mapped file; zeros for a chunk
@@ -206,6 +227,9 @@ class _MappedShard:
             if nbytes != C * f.nbytes + self.trailer:
                 raise DamagedCacheError(f"{self.rel}: inner chunk {chunk} holds {nbytes} "
                                         f"bytes, expected {C * f.nbytes + self.trailer}")
+            # wait for its bytes without the GIL (a read-ahead may be reading them), not
+            # in a page fault inside the checksum or the copies
+            populate([self.mapping.span(offset, nbytes)])
             self.check(chunk, offset, nbytes)
             dtype = np.dtype(f.dtype)
             rows = np.frombuffer(self.buf, dtype=dtype, count=C * f.nbytes // dtype.itemsize,
@@ -257,6 +281,8 @@ class ZarrReader:
         self._max_open = max_open_shards
         self._checksums = checksums
         self._checked: dict[tuple[str, int], np.ndarray] = {}  # kept when a map is dropped
+        self._read: set[tuple[str, int]] = set()  # (field, shard) all handed to read-ahead
+        self.first_reads = 0  # chunks viewed for the first time (their bytes maybe on disk)
 
     def _fast_layout(self, name: str) -> tuple[int, int] | None:
         """(index bytes, chunk trailer bytes) if `name` can be read by mmap, else None."""
@@ -303,6 +329,25 @@ class ZarrReader:
             self._mapped[key] = m
         return m
 
+    def spans(self, name: str, start: int, stop: int) -> list[Span]:
+        """The mapped bytes `pieces(name, start, stop)` will read that no read-ahead was
+        asked for yet (prefault.populate), in the order they will be read."""
+        if self._fast[name] is None:
+            return []  # zarr reads them itself
+        S, C = self.spec.shard_size, self.spec.chunk_size
+        out = []
+        for chunk in range(start // C, -(-stop // C)):  # chunks never straddle shards
+            shard, first = divmod(chunk * C, S)
+            if (name, shard) in self._read:
+                continue
+            m = self._shard(name, shard)
+            span = m.span(first // C)
+            if span is not None:
+                out.append(span)
+            if m._ahead.all():
+                self._read.add((name, shard))
+        return out
+
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         """Rows [start, stop) of field `name` as consecutive array pieces (views into the
         mapped files on the fast path: copy them out before the reader goes away). Each
@@ -316,7 +361,10 @@ class ZarrReader:
             shard, in_shard = divmod(row, S)
             first, in_chunk = divmod(in_shard, C)
             n = min(stop, (shard + 1) * S, row + C - in_chunk) - row  # in this chunk
-            yield self._shard(name, shard).rows(first)[in_chunk:in_chunk + n]
+            m = self._shard(name, shard)
+            if m._rows[first] is None:
+                self.first_reads += 1
+            yield m.rows(first)[in_chunk:in_chunk + n]
             row += n
 
     def _zarr_read(self, name: str, start: int, stop: int) -> np.ndarray:
