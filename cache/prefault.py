@@ -19,9 +19,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
+import queue
 import sys
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -78,24 +80,70 @@ def populate(spans: Sequence[Span | None], stop: threading.Event | None = None) 
         if span is None:
             continue
         _, addr, n = span
-        if _madvise is None or (stop is not None and stop.is_set()):
+        fn = _madvise  # once: another thread may clear it
+        if fn is None or (stop is not None and stop.is_set()):
             return
         start = addr - addr % PAGE
-        if _madvise(start, n + addr - start, MADV_POPULATE_READ) != 0 \
+        if fn(start, n + addr - start, MADV_POPULATE_READ) != 0 \
                 and ctypes.get_errno() == _EINVAL:
             _madvise = None  # a kernel without MADV_POPULATE_READ: faults read as before
 
 
-def merged(spans: Sequence[Span], gap: int = 64 << 10) -> list[Span]:
-    """`spans` in their order, each joined to the one before it when both lie in the same
-    mapping and it starts at most `gap` bytes past that one's end (the headers between a
-    tar's members): fewer, larger reads."""
-    out: list[Span] = []
-    for m, addr, n in spans:
-        if out:
+def merged(spans: Sequence, gap: int = 64 << 10) -> list:
+    """`spans` in their order (None: skipped), each joined to the one before it when both
+    lie in the same mapping and it starts at most `gap` bytes past that one's end (the
+    headers between a tar's members): fewer, larger reads. Anything else in `spans` (a
+    read-ahead's checks) stays in its place, and nothing is joined across it."""
+    out: list = []
+    for span in spans:
+        if span is None:
+            continue
+        if not isinstance(span, tuple):
+            out.append(span)
+            continue
+        m, addr, n = span
+        if out and isinstance(out[-1], tuple):
             m0, a, k = out[-1]
             if m0 is m and 0 <= addr - (a + k) <= gap:
                 out[-1] = (m, a, addr + n - a)
                 continue
         out.append((m, addr, n))
     return out
+
+
+_jobs: tuple[int, queue.SimpleQueue] | None = None  # (pid, queue of the read-ahead thread)
+
+
+def read_ahead(items: list[Span | Callable[[], object]], stop: threading.Event) -> None:
+    """Have this process's read-ahead thread `populate` the spans in `items` and call the
+    functions among them (checks of what the spans before them read in: what they raise
+    is dropped), in order, until `stop` is set, after what it was given before. Nothing
+    waits for it: what it does is only early (each reader waits for the bytes it uses,
+    and checks them, itself). The thread is a daemon, so a pending read-ahead never holds
+    up the interpreter's exit, and a forked child, which inherits no threads, starts its
+    own."""
+    global _jobs
+    jobs = _jobs
+    if jobs is None or jobs[0] != os.getpid():
+        jobs = _jobs = (os.getpid(), queue.SimpleQueue())  # (two racing callers: two threads)
+        threading.Thread(target=_read_ahead_thread, args=(jobs[1],), daemon=True,
+                         name="urepa-read-ahead").start()
+    jobs[1].put((items, stop))
+
+
+def _read_ahead_thread(jobs: queue.SimpleQueue) -> None:
+    while True:
+        _run(*jobs.get())  # what it keeps alive (the mappings) goes when it returns
+
+
+def _run(items: list, stop: threading.Event) -> None:
+    for item in items:
+        if stop.is_set():
+            return
+        if isinstance(item, tuple):
+            populate([item], stop)
+        else:
+            try:
+                item()
+            except Exception:  # noqa: BLE001 - a check that fails is the reader's to report
+                pass

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -150,9 +150,9 @@ class CacheDataset:
         valid = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
         self.valid_indices = valid[~np.isin(valid, np.fromiter(self.failures, np.int64))]
         self._reader = None
-        self._copier: tuple[int, ThreadPoolExecutor] | None = None  # gather(threads=)
-        self._ahead: tuple[int, ThreadPoolExecutor] | None = None  # gather's read-ahead
-        self._later = threading.Event()  # set: drop the read-ahead of a next gather
+        self._copier: tuple[int, int, ThreadPoolExecutor] | None = None  # gather(threads=)
+        # per fields: (pid, indices, stop) of the read-ahead asked for the next gather
+        self._then: dict[tuple[str, ...], tuple[int, np.ndarray, threading.Event]] = {}
 
     def _marker(self, shard: int) -> dict[str, Any]:
         """The shard's done marker, checked once (DamagedCacheError if it is not sound,
@@ -187,11 +187,7 @@ class CacheDataset:
         return self._reader
 
     def __getstate__(self) -> dict:  # never pickle open files, mmaps or threads
-        return {**self.__dict__, "_reader": None, "_copier": None, "_ahead": None,
-                "_later": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _later=threading.Event())
+        return {**self.__dict__, "_reader": None, "_copier": None, "_then": {}}
 
     def __len__(self) -> int:
         return self.spec.num_samples
@@ -239,40 +235,65 @@ class CacheDataset:
         copies each row once, from the backend straight into arrays made by `alloc`.
 
         Runs are taken in index order (file order), every field of a run before the next
-        run. A read-ahead thread asks the kernel for the bytes of the runs not read yet, in
-        that order and without the GIL (cache/prefault.py), while this thread locates and
-        checks each run and its copies start: with `threads` > 1 on a pool of that many
-        threads (numpy releases the GIL in them), else here, run by run. `then`: the
-        indices the caller will gather next (the same fields), read ahead in the
-        background once these are, so the disk stays busy while these are copied and used."""
+        run. The process's read-ahead thread asks the kernel for their bytes in that order
+        and without the GIL (cache/prefault.py), while this thread locates and checks each
+        run and its copies start: with `threads` > 1 on a pool of that many threads (numpy
+        releases the GIL in them), else here, run by run. `then`: the indices the caller
+        will gather next (the same fields), read ahead in the background once these are,
+        so the disk stays busy while these are copied and used; a read-ahead asked for
+        indices that are then not the next gathered is dropped."""
         indices = np.asarray(indices, dtype=np.int64)
         for name in fields:
             if self.spec.fields[name].dtype == "str":
                 raise ValueError(f"gather() reads numeric fields; use keys() for {name!r}")
+        valid = self.valid_indices  # ascending
+        at = np.searchsorted(valid, indices).clip(max=max(len(valid) - 1, 0))
+        if len(indices) and (not len(valid) or (valid[at] != indices).any()):
+            bad = indices if not len(valid) else indices[valid[at] != indices]
+            self._check_available(int(bad[0]))  # raises what is wrong with it
         out = {name: alloc((len(indices), *self.spec.fields[name].shape),
                            self.spec.fields[name].dtype) for name in fields}
         if len(indices) == 0:
             return out
         order, runs, bounds = _runs(indices)
         reader = self.reader
-        stop, ahead = threading.Event(), None
-        pool = self._pool("_copier", threads) if threads > 1 else None
-        # Copies start as runs are checked while this thread waits for reads (runs read
-        # for the first time by this reader); else they wait until all runs are located
-        # and go in `threads` jobs: each job started early costs the locating thread the
-        # GIL, a 20% loss on warm windows
+        stop = threading.Event()
+        pool = self._copier_pool(threads) if threads > 1 else None
+        # Copies start as runs are checked while this thread waits for reads (chunks or
+        # members used for the first time by this reader); else they wait until all runs
+        # are located and go in `threads` jobs: each job started early costs the locating
+        # thread the GIL, a 20% loss on warm windows
         per_job = max(1, len(runs) // (4 * threads))
         first_reads = reader.first_reads
         jobs, copies = [], []  # copies: per run, those of each field
+        key = tuple(fields)
         try:
-            ahead = self._read_ahead(bounds, fields, stop)
-            streaming = ahead is not None
+            asked = self._then.pop(key, None)
+            own = []  # (lo, hi, checked early) of the runs to read ahead
+            if asked is not None and asked[0] == os.getpid() and \
+                    np.array_equal(asked[1], indices):
+                stop = asked[2]  # asked for by the gather before: under way
+            else:
+                if asked is not None:
+                    asked[2].set()  # for another plan (a new epoch, a resume): dropped
+                own = [(lo, hi, False) for lo, hi in bounds]
+            items, ahead_stop = None, stop
             if then is not None and len(then):
+                then = np.array(then, dtype=np.int64)
+                later = threading.Event()
                 try:  # planned by the caller: what is wrong with it is reported when gathered
-                    self._read_ahead(_runs(np.asarray(then, dtype=np.int64))[2], fields,
-                                     self._later)
+                    # (a first gather reads its runs and these in one pass in file order: on
+                    # a cold cache the reads of one bring in much of the other)
+                    items = self._read_ahead_items(
+                        sorted(own + [(lo, hi, True) for lo, hi in _runs(then)[2]]), fields)
+                    self._then[key], ahead_stop = (os.getpid(), then, later), later
                 except (CacheError, OSError, ValueError, IndexError):
-                    pass
+                    items = None
+            if items is None:
+                items = self._read_ahead_items(own, fields)
+            if items:
+                prefault.read_ahead(items, ahead_stop)
+            streaming = False
             for r, ((a, _), (lo, hi)) in enumerate(zip(runs, bounds)):
                 copies.append([])
                 for name in fields:
@@ -290,37 +311,32 @@ class CacheDataset:
                 jobs += [pool.submit(_copy, [c for run in copies[t::threads] for c in run])
                          for t in range(threads)]
         except BaseException:
-            self._later.set()  # and no read-ahead of what comes next
-            self._later = threading.Event()
+            for _, _, later in self._then.values():
+                later.set()  # and no read-ahead of what comes next
+            self._then.clear()
             raise
-        finally:  # no copy or read-ahead of these still at work once this returns
+        finally:  # no copy still at work once this returns, no read-ahead of these left
             stop.set()
-            for job in jobs + ([ahead] if ahead else []):
+            for job in jobs:
                 job.exception()
         for job in jobs:
             job.result()
         return out
 
-    def _read_ahead(self, bounds: list[tuple[int, int]], fields: Sequence[str],
-                    stop: threading.Event) -> Future | None:
-        """Start reading the bytes of `fields` in the runs `bounds` that no read-ahead
-        was asked for yet, on this dataset's read-ahead thread (after what it was given
-        before), until `stop` is set."""
-        if not prefault.available():
-            return None
-        spans = prefault.merged([s for lo, hi in bounds for name in fields
-                                 for s in self.reader.spans(name, lo, hi)])
-        return self._pool("_ahead", 1).submit(prefault.populate, spans, stop) if spans \
-            else None
+    def _read_ahead_items(self, plan: list[tuple[int, int, bool]], fields: Sequence[str]
+                          ) -> list:
+        """What the read-ahead thread does for the runs [lo, hi) of `plan`, in that order:
+        read the bytes of `fields`, then (`early`) check those not checked yet."""
+        return self.reader.ahead(fields, plan) if prefault.available() else []
 
-    def _pool(self, attr: str, threads: int) -> ThreadPoolExecutor:
-        """This dataset's thread pool `attr` with `threads` threads (made on first use,
-        and anew in each process: pools are not pickled)."""
-        held = getattr(self, attr)
-        if held is None or held[0] != threads:
-            held = (threads, ThreadPoolExecutor(threads, thread_name_prefix=f"urepa{attr}"))
-            setattr(self, attr, held)
-        return held[1]
+    def _copier_pool(self, threads: int) -> ThreadPoolExecutor:
+        """This dataset's pool of `threads` copy threads (made on first use, and anew in
+        each process: pools are not pickled, and a forked child inherits no threads)."""
+        held = self._copier
+        if held is None or held[:2] != (os.getpid(), threads):
+            held = self._copier = (os.getpid(), threads, ThreadPoolExecutor(
+                threads, thread_name_prefix="urepa-copy"))
+        return held[2]
 
     # --------------------------------------------------------------- verify & stats
     def verify(self, backends: Sequence[str] | None = None,

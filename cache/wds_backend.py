@@ -20,19 +20,20 @@ cache with `data.block_size` = the shard size (shard shuffle plus the shuffle bu
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import google_crc32c
 import numpy as np
 import webdataset as wds
 
 from .format import INDEX, KEY, LABEL, CacheSpec, DamagedCacheError
-from .prefault import Mapping, Span, populate
+from .prefault import Mapping, Span, merged, populate
 from .store import ShardFiles, Store
 from .tensors import read_npy_header
 
@@ -109,13 +110,24 @@ def _walk_members(path: Path, stop_after_keys: int | None = None
     return rows
 
 
+_POWERS = {base: base ** np.arange(11, -1, -1, dtype=np.int64) for base in (8, 10)}
+
+
+def _digits(fields: np.ndarray, base: int) -> np.ndarray | None:
+    """Values of the [n, w] ASCII digit fields in `base` (8 or 10), or None if a byte is
+    not such a digit."""
+    d = fields - np.uint8(48)  # uint8: bytes below '0' wrap round to large values
+    if (d >= base).any():
+        return None
+    return d.astype(np.int64) @ _POWERS[base][12 - fields.shape[1]:]
+
+
 def _octal(fields: np.ndarray, digits: int) -> np.ndarray | None:
     """Values of tar number fields [n, w] written as `digits` octal digits then NUL (as
     Python's tarfile writes them), or None if any field is not of that form."""
-    d = fields[:, :digits]
-    if not (((d >= 48) & (d <= 55)).all() and (fields[:, digits] == 0).all()):
+    if fields[:, digits].any():
         return None
-    return (d.astype(np.int64) - 48) @ (8 ** np.arange(digits - 1, -1, -1, dtype=np.int64))
+    return _digits(fields[:, :digits], 8)
 
 
 def _row_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
@@ -149,7 +161,6 @@ class _MappedTar:
         self.views: dict[str, tuple | None] = {}  # by WdsReader._rows
         self.npy_unchecked: dict[str, np.ndarray] = {}  # by WdsReader._same_npy
         self.mapping: Mapping | None = None  # by WdsReader.spans
-        self.ahead: dict[str, np.ndarray] = {}  # members handed to a read-ahead, per ext
         self._unchecked: dict[str, np.ndarray] = {}  # rows whose header is yet to be checked
         if not self._index_by_stride():
             self._index_by_walk()
@@ -172,7 +183,6 @@ class _MappedTar:
                                   np.int64) for e in exts}
         self.views.clear()
         self.npy_unchecked.clear()
-        self.ahead.clear()
         self._unchecked = {}
 
     def _index_by_stride(self) -> bool:
@@ -195,6 +205,7 @@ class _MappedTar:
             return False
         self._digits = name.index(b".")  # the key's width in member names (9: %09d)
         self._stride, self._whole = stride, np.frombuffer(self.buf, np.uint8)
+        self._refs: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         ends = [h for _, (h, _, _) in order[1:]] + [base + stride]
         self._layout = {ext: (head, data, end) for (ext, (head, data, _)), end in zip(order, ends)}
         rows = np.arange(n, dtype=np.int64)
@@ -221,23 +232,25 @@ class _MappedTar:
         tarfile) and record their sizes; their keys, or None if one does not fit."""
         head, data, end = self._layout[ext]
         lo, hi = (rows, rows + 1) if isinstance(rows, int) else (rows.start, rows.stop)
-        header = data - _BLOCK  # the ustar block; [head, header) holds any pax records
-
-        def view(offset: int, width: int) -> np.ndarray:  # bytes at offset of rows lo..hi-1
-            start = offset + lo * self._stride
-            return np.lib.stride_tricks.as_strided(self._whole[start:], (hi - lo, width),
-                                                   (self._stride, 1), writeable=False)
-        h, h0 = view(header, _BLOCK), self._whole[header:header + _BLOCK]
-        if not (view(head, header - head) == self._whole[head:header]).all():
+        ref = self._refs.get(ext)
+        if ref is None:  # the first sample's pax records and ustar block, and which of
+            # their bytes every member shares: all but the key digits, size and checksum
+            u, d = data - _BLOCK - head, self._digits  # the ustar block in [head, data)
+            fixed = np.ones(data - head, bool)
+            for a, b in ((0, d), (124, 136), (148, 156)):
+                fixed[u + a:u + b] = False
+            ref = self._refs[ext] = (self._whole[head:data].copy(), fixed, u)
+        first, fixed, u = ref
+        # [head, data) of rows lo..hi-1, one row per member
+        v = np.lib.stride_tricks.as_strided(self._whole[head + lo * self._stride:],
+                                            (hi - lo, data - head), (self._stride, 1),
+                                            writeable=False)
+        if ((v != first).any(axis=0) & fixed).any():
             return None
-        d = self._digits
-        same = np.r_[d:124, 136:148, 156:_BLOCK]  # all but the key digits, size, checksum
-        if not (h[:, same] == h0[same]).all():
-            return None
-        stem = h[:, :d]
+        h = v[:, u:]
         size, chk = _octal(h[:, 124:136], 11), _octal(h[:, 148:156], 6)
-        if not ((stem >= 48) & (stem <= 57)).all() or size is None or chk is None \
-                or (h[:, 155] != 32).any():
+        keys = _digits(h[:, :self._digits], 10)
+        if size is None or chk is None or keys is None or (h[:, 155] != 32).any():
             return None
         if (h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64)
                 + 8 * 32 != chk).any():
@@ -245,7 +258,7 @@ class _MappedTar:
         if (-(-size // _BLOCK) * _BLOCK != end - data).any():  # the next header follows
             return None
         self.sizes[ext][lo:hi] = size
-        return (stem.astype(np.int64) - 48) @ (10 ** np.arange(d - 1, -1, -1, dtype=np.int64))
+        return keys
 
     def check(self, ext: str, lo: int, hi: int) -> bool:
         """Check the headers of rows [lo, hi) of `ext` not checked yet; False if one does
@@ -291,6 +304,37 @@ def member_checksums(path: Path, rel: str) -> dict[str, list[int | None]]:
     return _MappedTar(path, rel).checksums()
 
 
+def _check_early(mapping: Mapping, rows: list[int], offs: list[int], sizes: list[int],
+                 want: list, early: np.ndarray) -> None:
+    """Note in `early` each member of `rows` whose bytes (offset, size) match their recorded
+    CRC32C (on the read-ahead thread; raises nothing: what does not match is the reader's
+    to find and report)."""
+    for j, o, s in zip(rows, offs, sizes):
+        if want[j] is not None and mapping.span(o, s) is not None and \
+                google_crc32c.value(mapping.view[o:o + s]) == want[j]:
+            early[j] = (o, s)
+
+
+def _ranges(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(p[i], q[i]) over i."""
+    n = q - p
+    if not n.sum():
+        return np.zeros(0, np.int64)
+    return np.repeat(p - np.cumsum(n) + n, n) + np.arange(n.sum())
+
+
+def _joined(mapping: Mapping, starts: np.ndarray, ends: np.ndarray,
+            gap: int = 64 << 10) -> list[Span]:
+    """The byte ranges [starts, ends) of `mapping` in file order, overlapping ones and those
+    at most `gap` apart joined; ranges outside the file are left out."""
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    first = np.flatnonzero(np.r_[True, starts[1:] - ends[:-1] > gap])
+    last = np.r_[first[1:] - 1, len(starts) - 1]
+    spans = [mapping.span(a, b - a) for a, b in zip(starts[first].tolist(), ends[last].tolist())]
+    return [s for s in spans if s is not None]
+
+
 class WdsReader:
     name = "wds"
 
@@ -312,8 +356,9 @@ class WdsReader:
             self._fetched = ShardFiles(self.store)
             self._max_open = remote_shards or int(os.environ.get("UREPA_REMOTE_SHARDS", 4))
         self._headers: dict[bytes, tuple[int, np.dtype, tuple[int, ...]]] = {}
-        self._read: set[tuple[int, str]] = set()  # (shard, ext) all handed to read-ahead
         self.first_reads = 0  # checks of members read for the first time (maybe on disk)
+        # per (shard, ext): (offset, size) of each member a read-ahead found sound, or -1
+        self._early: dict[tuple[int, str], np.ndarray] = {}
 
     def _tar(self, shard: int) -> _MappedTar:
         t = self._tars.get(shard)
@@ -344,16 +389,23 @@ class WdsReader:
             return
         want = self._expected[shard].get(ext)
         checked = self._checked.setdefault((shard, ext), np.zeros(len(tar.keys), bool))
-        if checked[row:row + len(offs)].all():
+        n = len(offs)
+        if checked[row:row + n].all():
             return
         self.first_reads += 1
+        early = self._early.get((shard, ext))  # the exact bytes a read-ahead found sound
+        if early is not None:
+            checked[row:row + n] |= (early[row:row + n, 0] == offs) & \
+                (early[row:row + n, 1] == sizes)
         if tar.mapping is None:
             tar.mapping = Mapping(tar.buf)
+        todo = np.flatnonzero(~checked[row:row + n]).tolist()
         # wait for the bytes without the GIL (a read-ahead may be reading them), not in
         # page faults inside the checksums
-        populate([tar.mapping.span(o, s) for o, s in zip(offs.tolist(), sizes.tolist())])
+        populate(merged([tar.mapping.span(int(offs[j]), int(sizes[j])) for j in todo]))
         data = np.frombuffer(tar.buf, np.uint8)
-        for j, (o, s) in enumerate(zip(offs.tolist(), sizes.tolist())):
+        for j in todo:
+            o, s = int(offs[j]), int(sizes[j])
             if want is None or google_crc32c.value(data[o:o + s]) != want[row + j]:
                 raise DamagedCacheError(
                     f"{tar.rel}: member {tar.keys[row + j]:09d}.{ext} fails its checksum "
@@ -374,34 +426,61 @@ class WdsReader:
             hit = self._headers[head] = (f.tell(), dtype, shape)
         return hit
 
-    def spans(self, name: str, start: int, stop: int) -> list[Span]:
-        """The mapped bytes of the `name` members of samples [start, stop) that no
-        read-ahead was asked for yet (prefault.populate), in file order. Nothing is
-        checked here: `pieces` checks what it reads (and reports what is missing)."""
-        if name == INDEX or self._fetched is not None:
+    def ahead(self, fields: Sequence[str], plan: list[tuple[int, int, bool]]) -> list:
+        """What a read-ahead does for the runs of samples [lo, hi) in `plan` (in index
+        order): read the members of `fields` in file order, each shard's in spans joined
+        over gaps of up to 64 KiB, then, for the runs marked early, check the members not
+        checked yet (`_check_early`). Nothing is checked here: `pieces` checks what it
+        reads, and reports what is missing."""
+        exts = [member_ext(n) for n in fields if n != INDEX]
+        if self._fetched is not None or not exts or not plan:
             return []
-        S, out, ext = self.spec.shard_size, [], member_ext(name)
-        while start < stop:
-            end = min(stop, (start // S + 1) * S)
-            if (start // S, ext) in self._read:
-                start = end
+        S, items = self.spec.shard_size, []
+        runs = []  # (shard, lo, hi, early), cut at shard ends
+        for lo, hi, early in plan:
+            while lo < hi:
+                end = min(hi, (lo // S + 1) * S)
+                runs.append((lo // S, lo, end, early))
+                lo = end
+        for shard in sorted({r[0] for r in runs}):
+            part = [r for r in runs if r[0] == shard]
+            tar = self._tar(shard)
+            if tar.mapping is None:
+                tar.mapping = Mapping(tar.buf)
+            p, q = np.searchsorted(tar.keys, [[r[1] for r in part], [r[2] for r in part]])
+            rows = _ranges(p, q)
+            starts, ends = [], []
+            for ext in exts:
+                if ext in tar.offsets:
+                    o, n = tar.offsets[ext][rows], tar.sizes[ext][rows]
+                    keep = (o >= 0) & (n > 0)
+                    starts.append(o[keep])
+                    ends.append(o[keep] + n[keep])
+            if starts:
+                items += _joined(tar.mapping, np.concatenate(starts), np.concatenate(ends))
+            early = _ranges(p[[r[3] for r in part]], q[[r[3] for r in part]])
+            if len(early) and self._checksums is not None:
+                items += self._early_checks(tar, shard, exts, early)
+        return items
+
+    def _early_checks(self, tar: _MappedTar, shard: int, exts: list[str],
+                      rows: np.ndarray) -> list[Callable[[], None]]:
+        """What checks the members of `exts` in tar rows `rows` not checked yet, once they
+        are read in. A member whose bytes match its recorded CRC32C is noted with the offset
+        and size checked: `_check` takes it as checked only where it reads those bytes."""
+        out = []
+        for ext in exts:
+            want = self._expected[shard].get(ext)
+            if ext not in tar.offsets or want is None or len(want) != len(tar.keys):
                 continue
-            tar = self._tar(start // S)
-            offs, sizes = tar.offsets.get(ext), tar.sizes.get(ext)
-            p = int(np.searchsorted(tar.keys, start))
-            if offs is not None and p < len(tar.keys) and tar.keys[p] == start:
-                q = min(p + end - start, len(offs))
-                ahead = tar.ahead.setdefault(ext, np.zeros(len(offs), dtype=bool))
-                if tar.mapping is None:
-                    tar.mapping = Mapping(tar.buf)
-                for r in np.flatnonzero(~ahead[p:q]).tolist():
-                    span = tar.mapping.span(int(offs[p + r]), int(sizes[p + r]))
-                    if span is not None:
-                        out.append(span)
-                ahead[p:q] = True
-                if ahead.all():
-                    self._read.add((start // S, ext))
-            start = end
+            checked = self._checked.setdefault((shard, ext), np.zeros(len(tar.keys), bool))
+            todo = rows[~checked[rows]]
+            if len(todo):
+                early = self._early.setdefault(
+                    (shard, ext), np.full((len(tar.keys), 2), -1, np.int64))
+                out.append(functools.partial(
+                    _check_early, tar.mapping, todo.tolist(), tar.offsets[ext][todo].tolist(),
+                    tar.sizes[ext][todo].tolist(), want, early))
         return out
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .format import (ATTN, ATTN_SCALE, CLS, FORMAT_NAME, FORMAT_VERSION, INDEX, KEY, LABEL,
-                     LATENT_SCALE, MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE, VOLATILE_PROVENANCE,
+                     LATENT_SCALE, MANIFEST_NAME, MOMENTS, TOKENS, TOKENS_SCALE,
+                     VOLATILE_PROVENANCE,
                      CacheMismatchError, CacheSpec, DamagedCacheError, IncompleteCacheError,
                      dataset_sha256, done_marker_key, done_shards, json_bytes,
                      latent_channel_stats, read_done_marker, read_manifest, sealed)

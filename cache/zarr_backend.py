@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import mmap
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import google_crc32c
 import numpy as np
 import zarr
 
 from .format import KEY, CacheSpec, DamagedCacheError, FieldSpec
-from .prefault import Mapping, Span, populate
+from .prefault import Mapping, Span, merged, populate
 from .store import Store
 
 GROUP = "zarr"
@@ -190,19 +190,12 @@ class _MappedShard:
         self._index_list = self.index.tolist()
         self._rows: list[np.ndarray | None] = [None] * n_chunks  # chunks checked and viewed
         self._mapping: Mapping | None = None
-        self._ahead = np.zeros(n_chunks, dtype=bool)  # chunks handed to a read-ahead
 
     def span(self, chunk: int) -> Span | None:
-        """The stored bytes of inner chunk `chunk` for a read-ahead, the first time they
-        are asked for (None after that, and for a chunk never written or not in the file:
-        `rows` reports those)."""
-        if self._ahead[chunk]:
-            return None
-        self._ahead[chunk] = True
+        """The stored bytes of inner chunk `chunk` for a read-ahead (None for a chunk
+        never written or not inside the file: `rows` reports those)."""
         offset, nbytes = self._index_list[chunk]
-        if offset == _EMPTY or self._rows[chunk] is not None:
-            return None
-        return self.mapping.span(offset, nbytes)
+        return None if offset == _EMPTY else self.mapping.span(offset, nbytes)
 
     @property
     def mapping(self) -> Mapping:
@@ -236,6 +229,19 @@ class _MappedShard:
                                  offset=offset).reshape(C, *f.shape)
         self._rows[chunk] = rows
         return rows
+
+    def check_early(self, chunk: int) -> None:
+        """Check the chunk's bytes against their CRC32C ahead of its use, on the read-ahead
+        thread once they are in: a match is recorded, anything else is left for `rows`
+        to find and report."""
+        if self.crcs is None or self.checked[chunk] or self.crcs[chunk] is None:
+            return
+        offset, nbytes = self._index_list[chunk]
+        span = self.mapping.span(offset, nbytes - self.trailer) if offset != _EMPTY and \
+            nbytes == self.chunk_size * self.field.nbytes + self.trailer else None
+        if span is not None and google_crc32c.value(
+                self.mapping.view[offset:offset + span[2]]) == self.crcs[chunk]:
+            self.checked[chunk] = True
 
     def check(self, chunk: int, offset: int, nbytes: int) -> None:
         """Raise DamagedCacheError unless the chunk's bytes match their recorded CRC32C
@@ -281,7 +287,6 @@ class ZarrReader:
         self._max_open = max_open_shards
         self._checksums = checksums
         self._checked: dict[tuple[str, int], np.ndarray] = {}  # kept when a map is dropped
-        self._read: set[tuple[str, int]] = set()  # (field, shard) all handed to read-ahead
         self.first_reads = 0  # chunks viewed for the first time (their bytes maybe on disk)
 
     def _fast_layout(self, name: str) -> tuple[int, int] | None:
@@ -330,23 +335,45 @@ class ZarrReader:
         return m
 
     def spans(self, name: str, start: int, stop: int) -> list[Span]:
-        """The mapped bytes `pieces(name, start, stop)` will read that no read-ahead was
-        asked for yet (prefault.populate), in the order they will be read."""
+        """The mapped bytes `pieces(name, start, stop)` will read, in that order, for a
+        read-ahead (prefault.populate)."""
         if self._fast[name] is None:
             return []  # zarr reads them itself
         S, C = self.spec.shard_size, self.spec.chunk_size
         out = []
         for chunk in range(start // C, -(-stop // C)):  # chunks never straddle shards
             shard, first = divmod(chunk * C, S)
-            if (name, shard) in self._read:
-                continue
-            m = self._shard(name, shard)
-            span = m.span(first // C)
+            span = self._shard(name, shard).span(first // C)
             if span is not None:
                 out.append(span)
-            if m._ahead.all():
-                self._read.add((name, shard))
         return out
+
+    def ahead(self, fields: Sequence[str], plan: list[tuple[int, int, bool]]) -> list:
+        """What a read-ahead does for the runs of rows [lo, hi) in `plan` (in index order):
+        read the chunks of `fields` run by run, then, for the runs marked early, check the
+        chunks not checked yet."""
+        items: list = []
+        for lo, hi, early in plan:
+            for name in fields:
+                items += self.spans(name, lo, hi)
+                check = self.early_checks(name, lo, hi) if early else None
+                if check is not None:
+                    items.append(check)
+        return merged(items)
+
+    def early_checks(self, name: str, start: int, stop: int) -> Callable[[], None] | None:
+        """What checks the chunks of rows [start, stop) of `name` not checked yet, to run
+        once a read-ahead has read them in (None: nothing to check)."""
+        if self._fast[name] is None or self._checksums is None:
+            return None
+        S, C = self.spec.shard_size, self.spec.chunk_size
+        todo = []
+        for chunk in range(start // C, -(-stop // C)):
+            shard, first = divmod(chunk * C, S)
+            m = self._shard(name, shard)
+            if m.crcs is not None and not m.checked[first // C]:
+                todo.append((m, first // C))
+        return (lambda: [m.check_early(c) for m, c in todo]) if todo else None
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         """Rows [start, stop) of field `name` as consecutive array pieces (views into the

@@ -206,3 +206,21 @@ def test_wds_tar_with_samples_out_of_order_is_refused(make_cache):
     for verify in (False, True):
         with pytest.raises(DamagedCacheError, match="not in increasing order|checksum"):
             open_cache(path, verify_reads=verify).gather(np.arange(8), ["moments"])
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_gather_refuses_samples_it_does_not_hold(make_cache, backend):
+    """Out of range (70 lies in the last chunk's padding), failed at encode time, or in a
+    shard not written: an error, never zeros."""
+    from cache import FailedSampleError, IncompleteCacheError
+    path, spec = make_cache(backends=(backend,), failures={5: "corrupt"})
+    ds = open_cache(path)
+    for bad, error in ((70, IndexError), (-1, IndexError), (5, FailedSampleError)):
+        with pytest.raises(error):
+            ds.gather(np.array([3, bad, 4]), ["moments", "label"])
+    assert ds.gather(np.array([], np.int64), ["label"])["label"].shape == (0,)
+    partial, _ = make_cache("partial", backends=(backend,), finalize=False)
+    (partial / "_done" / backend / "000004.json").unlink()  # the last shard (64..69)
+    ds = open_cache(partial, allow_partial=True)
+    with pytest.raises(IncompleteCacheError):
+        ds.gather(np.array([0, 69]), ["label"])

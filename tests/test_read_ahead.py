@@ -3,7 +3,14 @@ will use are asked of the kernel in file order, without the GIL, and nothing abo
 gather returns or refuses changes."""
 
 import mmap
+import multiprocessing
 import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,26 +71,88 @@ def test_populate_reads_any_span_and_stops_when_told(mapped):
     assert bytes(m.view[:4]) == bytes(m.view[:4])  # still mapped and readable
 
 
+def _read_ahead_done() -> None:
+    """Wait until the read-ahead thread has done what it was given so far."""
+    done = threading.Event()
+    prefault.read_ahead([done.set], threading.Event())
+    assert done.wait(30)
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """The read-ahead requests of this process: [(bytes to read, checks, stop event)]."""
+    calls = []
+    real = prefault.read_ahead
+
+    def record(items, stop):
+        spans = [i for i in items if isinstance(i, tuple)]
+        calls.append((sum(n for _, _, n in spans), len(items) - len(spans), stop))
+        real(items, stop)
+    monkeypatch.setattr(prefault, "read_ahead", record)
+    monkeypatch.setattr(prefault, "_madvise", prefault._madvise or (lambda *a: 0))
+    return calls
+
+
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
-def test_cold_gathers_read_ahead_and_return_the_stored_rows(make_cache, backend):
-    """From a dropped page cache, in any order, with the next gather read ahead: the rows
-    are those written, and what was read ahead is not asked for twice."""
+def test_cold_gathers_read_ahead_and_return_the_stored_rows(make_cache, backend, asked):
+    """From a dropped page cache, in any order, with the next gather read ahead (and
+    checked) in the same pass: the rows are those written; what was read ahead for the
+    next gather is not asked for twice, and is asked for again in the next epoch (the page
+    cache may have dropped it), but not checked again."""
     path, spec = make_cache(backends=(backend,), failures={6: "corrupt"})
     _drop_from_page_cache(path)
     ds = open_cache(path)
     rng = np.random.default_rng(0)
     valid = ds.valid_indices
     first, then = rng.permutation(valid)[:24], rng.permutation(valid)[24:48]
-    got = ds.gather(first, FIELDS, threads=2, then=then)
-    for name in FIELDS:
-        np.testing.assert_array_equal(got[name], _want(spec, first, name))
-    if prefault.available():
-        ds._ahead[1].submit(lambda: None).result()  # the read-ahead of `then` is done
-        runs = [(int(i), int(i) + 1) for i in then]
-        assert all(ds.reader.spans(f, lo, hi) == [] for f in FIELDS for lo, hi in runs)
-    got = ds.gather(then, FIELDS, threads=1)
-    for name in FIELDS:
-        np.testing.assert_array_equal(got[name], _want(spec, then, name))
+    for epoch in range(2):
+        got = ds.gather(first, FIELDS, threads=2, then=then)
+        for name in FIELDS:
+            np.testing.assert_array_equal(got[name], _want(spec, first, name))
+        got = ds.gather(then, FIELDS, threads=1)
+        for name in FIELDS:
+            np.testing.assert_array_equal(got[name], _want(spec, then, name))
+        assert len(asked) == epoch + 1  # both gathers' bytes in the first one's pass
+        assert all(stop.is_set() for *_, stop in asked)  # none left once its rows are in
+        assert not ds._then
+    # the bytes of the fields' members or chunks (chunks: more rows than were asked for)
+    per_sample = sum(spec.fields[f].nbytes for f in FIELDS if f != "label")
+    assert asked[0][0] >= (len(first) + len(then)) * per_sample
+    assert asked[0][1] > 0 and asked[1][1] == 0  # then's checks: first epoch only
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_the_next_gather_is_checked_early_and_damage_still_found(make_cache, backend):
+    """The read-ahead thread checks the next gather's bytes once they are in; what it
+    finds sound is not checked again, what it does not is left to the gather, which
+    raises for it as before."""
+    path, spec = make_cache(backends=(backend,))
+    rel = wds_backend.shard_file(2) if backend == "wds" else \
+        zarr_backend.shard_file(spec, "tokens", 2)
+    data = bytearray((path / rel).read_bytes())
+    at = len(data) // 2  # a row of shard 2 (samples 32..47)
+    if backend == "wds":  # in the data of sample 40's tokens
+        with tarfile.open(path / rel) as tar:
+            at = tar.getmember(f"{40:09d}.tokens.npy").offset_data + 200
+    data[at] ^= 0xFF
+    (path / rel).write_bytes(bytes(data))
+    ds = open_cache(path)
+    if not prefault.available():
+        pytest.skip("no MADV_POPULATE_READ here: no read-ahead")
+    ds.gather(np.arange(8), FIELDS, then=np.arange(16, 48))
+    _read_ahead_done()
+    r = ds.reader
+    if backend == "zarr":
+        early = r._checked[("tokens", 1)]  # shard 1's chunks: checked, none by the gather
+        assert early.all() and r._shard("tokens", 1)._rows.count(None) == len(early)
+        assert not r._checked[("tokens", 2)].all()
+    else:
+        assert (r._early[(1, "tokens.npy")][:, 0] >= 0).all()
+        assert (r._early[(2, "tokens.npy")][:, 0] < 0).any()
+    with pytest.raises(DamagedCacheError):
+        ds.gather(np.arange(16, 48), FIELDS)
+    got = ds.gather(np.arange(16, 32), FIELDS)
+    np.testing.assert_array_equal(got["tokens"], _want(spec, range(16, 32), "tokens"))
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
@@ -105,11 +174,12 @@ def test_damage_stops_the_gather_its_copies_and_the_next_read_ahead(make_cache, 
     data[len(data) // 3] ^= 0xFF
     shard_file.write_bytes(bytes(data))
     ds = open_cache(path)
-    later = ds._later
+    ds.gather(np.arange(8), FIELDS, then=np.arange(8, 16))
+    (_, _, later), = ds._then.values()
     with pytest.raises(DamagedCacheError):
         ds.gather(np.arange(70), FIELDS, threads=2, then=np.arange(8))
-    assert later.is_set() and ds._later is not later  # the read-ahead of `then` stopped
-    assert ds._copier is None or not ds._copier[1]._work_queue.qsize()  # no copy queued
+    assert later.is_set() and not ds._then  # no read-ahead of a next gather left
+    assert ds._copier is None or not ds._copier[2]._work_queue.qsize()  # no copy queued
     if backend == "zarr":  # other shards still read, and right
         got = ds.gather(np.arange(16), FIELDS)
         np.testing.assert_array_equal(got["tokens"], _want(spec, range(16), "tokens"))
@@ -127,3 +197,62 @@ def test_each_window_reads_ahead_the_next_one_its_process_fetches(make_cache, wo
             np.testing.assert_array_equal(task.then, tasks[w + step].indices)
         else:
             assert task.then is None
+
+
+def _gather_in_child(ds, out) -> None:
+    got = ds.gather(np.arange(40, 0, -1), FIELDS, threads=2, then=np.arange(8))
+    out.put(float(got["tokens"].sum()))
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_gathers_with_threads_of_its_own(make_cache):
+    """The parent's copy and read-ahead threads are not the child's (a fork copies no
+    threads): a gather in a forked child must not wait on them."""
+    path, spec = make_cache()
+    ds = open_cache(path)
+    want = ds.gather(np.arange(40, 0, -1), FIELDS, threads=2, then=np.arange(8))
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_gather_in_child, args=(ds, out))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the gather in the forked child hung")
+    assert child.exitcode == 0 and out.get(timeout=5) == float(want["tokens"].sum())
+
+
+def test_a_gather_never_waits_for_a_read_ahead(make_cache, monkeypatch):
+    """A read-ahead is only early: neither a gather nor the interpreter's exit waits for
+    one (here each span takes 0.5 s on the read-ahead thread)."""
+    path, spec = make_cache()
+    real = prefault.populate
+
+    def slow(spans, stop=None):
+        if threading.current_thread().name == "urepa-read-ahead":
+            for span in spans:
+                if stop is not None and stop.is_set():
+                    return
+                time.sleep(0.5)
+        real(spans, stop)
+    monkeypatch.setattr(prefault, "populate", slow)
+    monkeypatch.setattr(prefault, "_madvise", prefault._madvise or (lambda *a: 0))
+    ds = open_cache(path)
+    t = time.perf_counter()
+    ds.gather(np.arange(8), FIELDS, then=np.arange(8, 70))  # queues ~many slow spans
+    ds.gather(np.arange(8, 70), ["cls"])  # other fields: not held up by that queue
+    ds.gather(np.arange(30, 40), FIELDS)  # not the planned next gather: that one dropped
+    assert time.perf_counter() - t < 2.0
+    script = textwrap.dedent(f"""
+        import time, numpy as np
+        from cache import open_cache, prefault
+        def slow(spans, stop=None):
+            time.sleep(30)
+        prefault.populate = slow
+        prefault._madvise = prefault._madvise or (lambda *a: 0)
+        open_cache({str(path)!r}).gather(np.arange(8), ["tokens"], then=np.arange(8, 16))
+    """)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                   cwd=Path(__file__).resolve().parents[1])
+    assert time.perf_counter() - t < 20  # exited with the read-ahead still asleep
