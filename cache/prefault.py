@@ -125,15 +125,22 @@ def read_ahead(items: list[Span | Callable[[], object]], stop: threading.Event) 
     global _jobs
     jobs = _jobs
     if jobs is None or jobs[0] != os.getpid():
-        jobs = _jobs = (os.getpid(), queue.SimpleQueue())  # (two racing callers: two threads)
-        threading.Thread(target=_read_ahead_thread, args=(jobs[1],), daemon=True,
-                         name="urepa-read-ahead").start()
+        jobs = (os.getpid(), queue.SimpleQueue())  # (two racing callers: two threads)
+        try:
+            threading.Thread(target=_read_ahead_thread, args=(jobs[1],), daemon=True,
+                             name="urepa-read-ahead").start()
+        except RuntimeError:  # no new thread (at exit, or a thread limit): no read-ahead
+            return
+        _jobs = jobs
     jobs[1].put((items, stop))
 
 
 def _read_ahead_thread(jobs: queue.SimpleQueue) -> None:
     while True:
-        _run(*jobs.get())  # what it keeps alive (the mappings) goes when it returns
+        try:
+            _run(*jobs.get())  # what it keeps alive (the mappings) goes when it returns
+        except Exception:  # noqa: BLE001 - only early work is lost: readers do their own
+            pass
 
 
 def _run(items: list, stop: threading.Event) -> None:

@@ -251,6 +251,7 @@ class CacheDataset:
         if len(indices) and (not len(valid) or (valid[at] != indices).any()):
             bad = indices if not len(valid) else indices[valid[at] != indices]
             self._check_available(int(bad[0]))  # raises what is wrong with it
+            raise IndexError(f"sample {int(bad[0])} is not in this cache")
         out = {name: alloc((len(indices), *self.spec.fields[name].shape),
                            self.spec.fields[name].dtype) for name in fields}
         if len(indices) == 0:

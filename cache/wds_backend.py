@@ -305,12 +305,12 @@ def member_checksums(path: Path, rel: str) -> dict[str, list[int | None]]:
 
 
 def _check_early(mapping: Mapping, rows: list[int], offs: list[int], sizes: list[int],
-                 want: list, early: np.ndarray) -> None:
+                 want: list, early: np.ndarray, checked: np.ndarray) -> None:
     """Note in `early` each member of `rows` whose bytes (offset, size) match their recorded
-    CRC32C (on the read-ahead thread; raises nothing: what does not match is the reader's
-    to find and report)."""
+    CRC32C, unless `checked` by then (on the read-ahead thread; raises nothing: what does
+    not match is the reader's to find and report)."""
     for j, o, s in zip(rows, offs, sizes):
-        if want[j] is not None and mapping.span(o, s) is not None and \
+        if not checked[j] and want[j] is not None and mapping.span(o, s) is not None and \
                 google_crc32c.value(mapping.view[o:o + s]) == want[j]:
             early[j] = (o, s)
 
@@ -327,8 +327,11 @@ def _joined(mapping: Mapping, starts: np.ndarray, ends: np.ndarray,
             gap: int = 64 << 10) -> list[Span]:
     """The byte ranges [starts, ends) of `mapping` in file order, overlapping ones and those
     at most `gap` apart joined; ranges outside the file are left out."""
+    if not len(starts):
+        return []
     order = np.argsort(starts, kind="stable")
-    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    starts = starts[order]
+    ends = np.maximum.accumulate(np.minimum(ends[order], mapping.size))  # past the end: cut
     first = np.flatnonzero(np.r_[True, starts[1:] - ends[:-1] > gap])
     last = np.r_[first[1:] - 1, len(starts) - 1]
     spans = [mapping.span(a, b - a) for a, b in zip(starts[first].tolist(), ends[last].tolist())]
@@ -394,7 +397,7 @@ class WdsReader:
             return
         self.first_reads += 1
         early = self._early.get((shard, ext))  # the exact bytes a read-ahead found sound
-        if early is not None:
+        if early is not None and len(early) == len(checked):
             checked[row:row + n] |= (early[row:row + n, 0] == offs) & \
                 (early[row:row + n, 1] == sizes)
         if tar.mapping is None:
@@ -411,7 +414,9 @@ class WdsReader:
                     f"{tar.rel}: member {tar.keys[row + j]:09d}.{ext} fails its checksum "
                     "(damaged, or a tar from another place); run `pipeline verify` on the "
                     "cache")
-        checked[row:row + len(offs)] = True
+        checked[row:row + n] = True
+        if early is not None and checked.all():  # its notes are of no more use
+            self._early.pop((shard, ext), None)
 
     def _npy_layout(self, buf: mmap.mmap, offset: int, size: int
                     ) -> tuple[int, np.dtype, tuple[int, ...]]:
@@ -436,14 +441,14 @@ class WdsReader:
         if self._fetched is not None or not exts or not plan:
             return []
         S, items = self.spec.shard_size, []
-        runs = []  # (shard, lo, hi, early), cut at shard ends
+        runs: dict[int, list[tuple[int, int, int, bool]]] = {}  # per shard, cut at its end
         for lo, hi, early in plan:
             while lo < hi:
                 end = min(hi, (lo // S + 1) * S)
-                runs.append((lo // S, lo, end, early))
+                runs.setdefault(lo // S, []).append((lo // S, lo, end, early))
                 lo = end
-        for shard in sorted({r[0] for r in runs}):
-            part = [r for r in runs if r[0] == shard]
+        for shard in sorted(runs):
+            part = runs[shard]
             tar = self._tar(shard)
             if tar.mapping is None:
                 tar.mapping = Mapping(tar.buf)
@@ -480,7 +485,7 @@ class WdsReader:
                     (shard, ext), np.full((len(tar.keys), 2), -1, np.int64))
                 out.append(functools.partial(
                     _check_early, tar.mapping, todo.tolist(), tar.offsets[ext][todo].tolist(),
-                    tar.sizes[ext][todo].tolist(), want, early))
+                    tar.sizes[ext][todo].tolist(), want, early, checked))
         return out
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:

@@ -256,3 +256,26 @@ def test_a_gather_never_waits_for_a_read_ahead(make_cache, monkeypatch):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
                    cwd=Path(__file__).resolve().parents[1])
     assert time.perf_counter() - t < 20  # exited with the read-ahead still asleep
+
+
+def test_wds_spans_are_joined_in_file_order_and_cut_at_the_end(mapped):
+    m = prefault.Mapping(mapped("t", 10_000))
+    join = wds_backend._joined
+    empty = np.zeros(0, np.int64)
+    assert join(m, empty, empty) == []
+    starts, ends = np.array([5000, 0, 50, 9990]), np.array([5100, 100, 80, 10_100])
+    assert join(m, starts, ends, gap=10) == [m.span(0, 100), m.span(5000, 100),
+                                             m.span(9990, 10)]
+    assert join(m, starts, ends, gap=5000) == [m.span(0, 10_000)]
+    assert list(wds_backend._ranges(np.array([3, 7, 9]), np.array([5, 7, 11]))) == [3, 4, 9, 10]
+
+
+@pytest.mark.parametrize("then", [None, np.arange(0, 8)])
+def test_a_tar_of_another_shard_is_reported_as_damage(make_cache, then):
+    """Reading ahead a tar that holds other samples than its name says (here shard 0's
+    tar in shard 1's place) leaves the reader's own report: DamagedCacheError."""
+    path, spec = make_cache(backends=("wds",))
+    (path / wds_backend.shard_file(1)).write_bytes((path / wds_backend.shard_file(0)).read_bytes())
+    ds = open_cache(path)
+    with pytest.raises(DamagedCacheError, match="not in this tar"):
+        ds.gather(np.arange(16, 20), FIELDS, then=then)
