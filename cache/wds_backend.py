@@ -160,10 +160,17 @@ class _MappedTar:
                                     "on the cache") from None
         self.views: dict[str, tuple | None] = {}  # by WdsReader._rows
         self.npy_unchecked: dict[str, np.ndarray] = {}  # by WdsReader._same_npy
-        self.mapping: Mapping | None = None  # by WdsReader.spans
+        self._mapping: Mapping | None = None
         self._unchecked: dict[str, np.ndarray] = {}  # rows whose header is yet to be checked
         if not self._index_by_stride():
             self._index_by_walk()
+
+    @property
+    def mapping(self) -> Mapping:
+        """The mapped bytes as `prefault` sees them (made on first use)."""
+        if self._mapping is None:
+            self._mapping = Mapping(self.buf)
+        return self._mapping
 
     def _index_by_walk(self) -> None:
         try:
@@ -400,8 +407,6 @@ class WdsReader:
         if early is not None and len(early) == len(checked):
             checked[row:row + n] |= (early[row:row + n, 0] == offs) & \
                 (early[row:row + n, 1] == sizes)
-        if tar.mapping is None:
-            tar.mapping = Mapping(tar.buf)
         todo = np.flatnonzero(~checked[row:row + n]).tolist()
         # wait for the bytes without the GIL (a read-ahead may be reading them), not in
         # page faults inside the checksums
@@ -450,8 +455,6 @@ class WdsReader:
         for shard in sorted(runs):
             part = runs[shard]
             tar = self._tar(shard)
-            if tar.mapping is None:
-                tar.mapping = Mapping(tar.buf)
             p, q = np.searchsorted(tar.keys, [[r[1] for r in part], [r[2] for r in part]])
             rows = _ranges(p, q)
             starts, ends = [], []

@@ -334,46 +334,26 @@ class ZarrReader:
             self._mapped[key] = m
         return m
 
-    def spans(self, name: str, start: int, stop: int) -> list[Span]:
-        """The mapped bytes `pieces(name, start, stop)` will read, in that order, for a
-        read-ahead (prefault.populate)."""
-        if self._fast[name] is None:
-            return []  # zarr reads them itself
-        S, C = self.spec.shard_size, self.spec.chunk_size
-        out = []
-        for chunk in range(start // C, -(-stop // C)):  # chunks never straddle shards
-            shard, first = divmod(chunk * C, S)
-            span = self._shard(name, shard).span(first // C)
-            if span is not None:
-                out.append(span)
-        return out
-
     def ahead(self, fields: Sequence[str], plan: list[tuple[int, int, bool]]) -> list:
         """What a read-ahead does for the runs of rows [lo, hi) in `plan` (in index order):
-        read the chunks of `fields` run by run, then, for the runs marked early, check the
-        chunks not checked yet."""
+        read the chunks `pieces` will read, run by run and field by field, then, for the
+        runs marked early, check those not checked yet (zarr's own read path: nothing)."""
+        S, C = self.spec.shard_size, self.spec.chunk_size
         items: list = []
         for lo, hi, early in plan:
             for name in fields:
-                items += self.spans(name, lo, hi)
-                check = self.early_checks(name, lo, hi) if early else None
-                if check is not None:
-                    items.append(check)
+                if self._fast[name] is None:
+                    continue  # zarr reads them itself
+                todo = []
+                for chunk in range(lo // C, -(-hi // C)):  # chunks never straddle shards
+                    shard, first = divmod(chunk * C, S)
+                    m = self._shard(name, shard)
+                    items.append(m.span(first // C))
+                    if early and m.crcs is not None and not m.checked[first // C]:
+                        todo.append((m, first // C))
+                if todo:
+                    items.append(lambda todo=todo: [m.check_early(c) for m, c in todo])
         return merged(items)
-
-    def early_checks(self, name: str, start: int, stop: int) -> Callable[[], None] | None:
-        """What checks the chunks of rows [start, stop) of `name` not checked yet, to run
-        once a read-ahead has read them in (None: nothing to check)."""
-        if self._fast[name] is None or self._checksums is None:
-            return None
-        S, C = self.spec.shard_size, self.spec.chunk_size
-        todo = []
-        for chunk in range(start // C, -(-stop // C)):
-            shard, first = divmod(chunk * C, S)
-            m = self._shard(name, shard)
-            if m.crcs is not None and not m.checked[first // C]:
-                todo.append((m, first // C))
-        return (lambda: [m.check_early(c) for m, c in todo]) if todo else None
 
     def pieces(self, name: str, start: int, stop: int) -> Iterator[np.ndarray]:
         """Rows [start, stop) of field `name` as consecutive array pieces (views into the
